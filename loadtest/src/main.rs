@@ -1,0 +1,44 @@
+//! `loadtest`: run closewait beside its leaky variant (and a tokio baseline) and show the
+//! difference. Subcommands live in their own modules; this file only dispatches.
+
+mod baseline;
+mod bench;
+mod compare;
+mod serve;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "loadtest", about = "Load tests for closewait")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the correct server and the leaky variant under the same load; write a report.
+    Compare(compare::Args),
+    /// Print a process's fd count, CLOSE_WAIT sockets and fd limit once per interval.
+    Watch(watch::Args),
+    /// Benchmark closewait against the tokio baseline server.
+    Bench(bench::Args),
+    /// Serve the wire protocol the idiomatic tokio way (the benchmark's baseline).
+    BaselineServer(baseline::Args),
+    /// Internal: run closewait in this process under a given RLIMIT_NOFILE.
+    #[command(hide = true)]
+    Serve(serve::Args),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Compare(args) => compare::run(args),
+        Command::Watch(args) => watch::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::BaselineServer(args) => baseline::run(args),
+        Command::Serve(args) => serve::run(args),
+    }
+}

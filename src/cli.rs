@@ -1,0 +1,164 @@
+//! The command line: flags -> [`Config`] -> [`Server`]. Nothing here is needed to embed the
+//! server; it exists so the binary stays a two-line `main` and so other programs (the load
+//! test re-executes itself as a server) can run exactly what `closewait` runs.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser;
+use clap::{Parser, ValueEnum};
+
+use crate::config::{self, Config, EofPolicy, WhenFull};
+use crate::Server;
+
+/// `closewait` command-line flags. Every flag maps to one [`Config`] field.
+#[derive(Parser, Debug)]
+#[command(
+    name = "closewait",
+    version,
+    about = "A TCP server that never leaks a socket in CLOSE_WAIT"
+)]
+pub struct Args {
+    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed).
+    #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Largest frame body a peer may send, in bytes.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_FRAME, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
+    pub max_frame: usize,
+    /// Upper bound on open connections (default: derived from RLIMIT_NOFILE).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    pub max_connections: Option<usize>,
+    /// Listen backlog: connections beyond the cap wait here.
+    #[arg(long, default_value_t = config::DEFAULT_BACKLOG, value_name = "N")]
+    pub backlog: u32,
+    /// At the connection cap: wait (stop accepting) or reject (send ERROR, close).
+    #[arg(long, value_enum, default_value = "wait")]
+    pub when_full: WhenFullArg,
+    /// Close a connection with no traffic for this many seconds (0 = never).
+    #[arg(long, default_value_t = config::DEFAULT_IDLE_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub idle_timeout: u64,
+    /// Per-connection bound on queued reply bytes; above it the peer is not read until it drains.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_PENDING_OUTPUT, value_name = "BYTES")]
+    pub max_pending_output: usize,
+    /// TCP keepalive: seconds idle before the first probe (0 = keepalive off).
+    #[arg(long, default_value_t = config::DEFAULT_KEEPALIVE_TIME.as_secs(), value_name = "SECS")]
+    pub keepalive_time: u64,
+    /// TCP keepalive: seconds between probes.
+    #[arg(long, default_value_t = config::DEFAULT_KEEPALIVE_INTERVAL.as_secs(), value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_interval: u64,
+    /// TCP keepalive: unanswered probes before the kernel drops the connection.
+    #[arg(long, default_value_t = config::DEFAULT_KEEPALIVE_RETRIES, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub keepalive_retries: u32,
+    /// TCP_USER_TIMEOUT in seconds: unacknowledged output aborts the connection after this
+    /// (default: the idle timeout; 0 = kernel default).
+    #[arg(long, value_name = "SECS")]
+    pub tcp_user_timeout: Option<u64>,
+    /// Seconds a graceful shutdown (SIGINT/SIGTERM) may spend flushing replies.
+    #[arg(long, default_value_t = config::DEFAULT_DRAIN_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub drain_timeout: u64,
+    /// Event-loop threads, each with its own SO_REUSEPORT listener.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
+    pub workers: usize,
+    /// DEMO ONLY: reproduce the CLOSE_WAIT leak (never close on peer EOF, no cap, no idle timeout).
+    #[arg(long)]
+    pub leaky: bool,
+}
+
+/// `--when-full` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum WhenFullArg {
+    /// Stop accepting; new connections wait in the listen backlog.
+    Wait,
+    /// Accept, send one ERROR frame, close.
+    Reject,
+}
+
+fn secs(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
+}
+
+impl Args {
+    /// The [`Config`] these flags describe (signals handled, as a process should).
+    pub fn to_config(&self) -> Config {
+        let idle_timeout = secs(self.idle_timeout);
+        Config {
+            listen: self.listen,
+            max_frame: self.max_frame,
+            max_connections: self.max_connections,
+            backlog: self.backlog,
+            when_full: match self.when_full {
+                WhenFullArg::Wait => WhenFull::Wait,
+                WhenFullArg::Reject => WhenFull::Reject,
+            },
+            idle_timeout,
+            max_pending_output: self.max_pending_output,
+            keepalive_time: secs(self.keepalive_time),
+            keepalive_interval: Duration::from_secs(self.keepalive_interval),
+            keepalive_retries: self.keepalive_retries,
+            tcp_user_timeout: self.tcp_user_timeout.map_or(idle_timeout, secs),
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            workers: self.workers,
+            handle_signals: true,
+            eof_policy: if self.leaky {
+                EofPolicy::Leak
+            } else {
+                EofPolicy::Close
+            },
+        }
+    }
+}
+
+/// Run `closewait` with these arguments (the first is the program name), as the binary does:
+/// set up logging, bind, print `listening on IP:PORT` to stdout, serve until SIGINT/SIGTERM.
+pub fn run<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            // clap prints help/version to stdout and usage errors to stderr, with its own codes.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    init_logging();
+    let server = match Server::bind(args.to_config()) {
+        Ok(server) => server,
+        Err(e) => {
+            log::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Scripts and tests wait for exactly this line; flush so a pipe sees it at once.
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "listening on {}", server.local_addr())
+        .and_then(|_| out.flush())
+        .is_err()
+    {
+        log::warn!("could not write the listening line to stdout");
+    }
+    drop(out);
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("server stopped on an error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `RUST_LOG` decides; `info` when it is unset. Safe to call more than once.
+pub fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("info");
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
+}

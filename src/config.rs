@@ -1,0 +1,103 @@
+//! Everything an operator can tune, in one plain struct.
+//!
+//! `Config` is data only: it never opens a socket or reads a limit. The binary fills it from
+//! the command line ([`crate::cli`]); an embedding program fills it by hand.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Largest frame body a peer may send by default (1 MiB), per the wire protocol.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+/// Default listen backlog: connections beyond the cap wait here instead of failing.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Default idle timeout: a peer that sends nothing (or reads nothing) for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default bound on replies queued for one peer before we stop reading its requests.
+pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Default time a graceful shutdown may spend flushing replies before it closes everything.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default TCP keepalive: idle time before the first probe.
+pub const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(60);
+/// Default TCP keepalive: time between probes.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Default TCP keepalive: unanswered probes before the kernel drops the connection.
+pub const DEFAULT_KEEPALIVE_RETRIES: u32 = 5;
+
+/// What to do with a new connection while the server holds `max_connections`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Stop accepting; new connections wait in the kernel's listen backlog (backpressure).
+    Wait,
+    /// Accept, send one ERROR frame ("server full: N connections"), close.
+    Reject,
+}
+
+/// What the server does when a peer's read returns 0 (the peer sent FIN).
+///
+/// This is the single switch between the reference server and the deliberately broken
+/// variant used by the load test; see [`crate::leak`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EofPolicy {
+    /// Answer what is buffered, flush, close, free the slot: the fix.
+    Close,
+    /// Do nothing, as the incident's server did: the socket stays in CLOSE_WAIT forever.
+    Leak,
+}
+
+/// Server configuration. `Config::default()` is what the binary runs with no flags.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address to listen on; port 0 lets the OS pick one (see [`crate::Server::local_addr`]).
+    pub listen: SocketAddr,
+    /// Largest accepted frame length `L` (body bytes); larger or zero is a protocol error.
+    pub max_frame: usize,
+    /// Upper bound on open connections; `None` derives it from `RLIMIT_NOFILE`.
+    /// A value the fd limit cannot honour is clamped with a warning.
+    pub max_connections: Option<usize>,
+    /// Listen backlog passed to `listen(2)` (the kernel caps it at `net.core.somaxconn`).
+    pub backlog: u32,
+    /// Behaviour at the connection cap.
+    pub when_full: WhenFull,
+    /// Close a connection with no traffic in either direction for this long; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// Per-connection bound on queued reply bytes; above it we stop reading that peer.
+    pub max_pending_output: usize,
+    /// TCP keepalive idle time (`TCP_KEEPIDLE`); `None` disables keepalive.
+    pub keepalive_time: Option<Duration>,
+    /// TCP keepalive probe interval (`TCP_KEEPINTVL`).
+    pub keepalive_interval: Duration,
+    /// TCP keepalive probe count (`TCP_KEEPCNT`).
+    pub keepalive_retries: u32,
+    /// Kernel-side bound on unacknowledged output (`TCP_USER_TIMEOUT`); `None` = kernel default.
+    pub tcp_user_timeout: Option<Duration>,
+    /// How long a graceful shutdown may flush before closing whatever is left.
+    pub drain_timeout: Duration,
+    /// Number of event-loop threads, each with its own listener (`SO_REUSEPORT`).
+    pub workers: usize,
+    /// Install SIGINT/SIGTERM handlers that trigger a graceful shutdown (the binary does).
+    pub handle_signals: bool,
+    /// Reference behaviour or the deliberate CLOSE_WAIT leak.
+    pub eof_policy: EofPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: None,
+            backlog: DEFAULT_BACKLOG,
+            when_full: WhenFull::Wait,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            max_pending_output: DEFAULT_MAX_PENDING_OUTPUT,
+            keepalive_time: Some(DEFAULT_KEEPALIVE_TIME),
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_retries: DEFAULT_KEEPALIVE_RETRIES,
+            tcp_user_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            workers: 1,
+            handle_signals: false,
+            eof_policy: EofPolicy::Close,
+        }
+    }
+}
