@@ -1,27 +1,703 @@
-//! STUB
-use crate::Config;
+//! The event loop: the only code that calls `Poll::poll`.
+//!
+//! One turn: wait for events (or the next deadline), hand each to its connection and note
+//! the verdicts, close what must close (all of it in this turn: that is what keeps sockets
+//! out of CLOSE_WAIT), expire idle connections, then accept — last, so a slab key freed in
+//! this turn is never reused while events of this batch could still name it (mio #219).
+//!
+//! With `workers > 1` each worker thread runs this same loop with its own poll, slab and
+//! `SO_REUSEPORT` listener, and its share of the connection cap; counters are shared.
+
 use std::io;
 use std::net::SocketAddr;
-/// stub
-pub struct Server {
-    addr: SocketAddr,
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
+use crate::connections::Registry;
+use crate::limits::{self, AcceptError, AcceptGate, Transition};
+use crate::service::{self, Reference, Service};
+use crate::stats::{Counter, Stats};
+use crate::throttle::Throttle;
+use crate::{frame, leak, listener, Config, EofPolicy, WhenFull};
+
+const LISTENER: Token = Token(usize::MAX);
+const WAKER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
+
+/// Events taken from the kernel per `poll`.
+const EVENTS_CAPACITY: usize = 1024;
+/// Connections accepted per turn before existing connections get their turn again.
+const ACCEPTS_PER_TURN: usize = 256;
+/// At most one "still out of fds" / "cap reached" line per this long.
+const STATE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A bound server, ready to [`run`](Server::run).
+///
+/// ```
+/// use closewait::{Config, Server};
+///
+/// let config = Config { listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
+/// let server = Server::bind(config)?;
+/// let addr = server.local_addr();         // the port the OS picked
+/// let handle = server.handle();
+/// let thread = std::thread::spawn(move || server.run());
+///
+/// let mut client = std::net::TcpStream::connect(addr)?;
+/// use std::io::{Read, Write};
+/// client.write_all(&[0, 0, 0, 1, closewait::service::PING])?;
+/// let mut pong = [0; 5];
+/// client.read_exact(&mut pong)?;
+/// assert_eq!(pong, [0, 0, 0, 1, closewait::service::PING_REPLY]);
+///
+/// handle.shutdown();                      // graceful: flush, close, return
+/// thread.join().unwrap()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Server<S = Reference> {
+    config: Config,
+    local_addr: SocketAddr,
+    workers: Vec<WorkerParts>,
+    shared: Arc<Shared>,
+    make_service: Arc<dyn Fn() -> S + Send + Sync>,
 }
-/// stub
-pub struct Handle;
-impl Server {
-    /// stub
-    pub fn bind(config: Config) -> io::Result<Server> {
-        let l = std::net::TcpListener::bind(config.listen)?;
+
+struct WorkerParts {
+    poll: Poll,
+    listener: TcpListener,
+    cap: usize,
+    signals: Option<Signals>,
+}
+
+/// What the workers and every [`Handle`] share.
+struct Shared {
+    stop: AtomicBool,
+    wakers: Vec<Waker>,
+    stats: Stats,
+}
+
+impl Shared {
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for waker in &self.wakers {
+            if let Err(e) = waker.wake() {
+                log::error!("could not wake a worker to stop it: {e}");
+            }
+        }
+    }
+}
+
+/// Controls a running server from another thread.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Begin a graceful shutdown: stop accepting, answer what was received, flush, close,
+    /// and let [`Server::run`] return (within the drain timeout).
+    pub fn shutdown(&self) {
+        self.shared.request_stop();
+    }
+
+    /// The live counters (the same numbers the STATS request reports).
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+}
+
+impl Server<Reference> {
+    /// Bind a server speaking the reference protocol (ECHO, PING, STATS).
+    pub fn bind(config: Config) -> io::Result<Server<Reference>> {
+        Server::with_service(config, || Reference)
+    }
+}
+
+impl<S: Service + 'static> Server<S> {
+    /// Bind a server whose requests are answered by services made by `make_service`, one
+    /// per worker thread.
+    ///
+    /// This raises `RLIMIT_NOFILE` to its hard limit, derives the connection cap (see
+    /// [`crate::limits`]), opens the listener(s) and, if asked, the signal handler.
+    pub fn with_service<F>(config: Config, make_service: F) -> io::Result<Server<S>>
+    where
+        F: Fn() -> S + Send + Sync + 'static,
+    {
+        let workers = config.workers.max(1);
+        if config.eof_policy == EofPolicy::Leak {
+            log::warn!(
+                "LEAKY MODE: this server deliberately never closes a connection whose peer closed \
+                 (it stays in CLOSE_WAIT), and has no connection cap and no idle timeout. It WILL \
+                 run out of file descriptors. Use it only to reproduce the leak."
+            );
+        }
+        let nofile = limits::raise_nofile_limit()?;
+        let open_at_start = count_own_fds();
+        let budget =
+            limits::derive_budget(nofile.soft, open_at_start, workers, config.max_connections)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        if config
+            .max_connections
+            .is_some_and(|asked| asked > budget.allowed)
+        {
+            log::warn!(
+                "--max-connections {} is more than the fd limit allows: RLIMIT_NOFILE {} minus {} \
+                 reserved fds leaves {}; using {}. To allow more, raise the limit (ulimit -n; nofile \
+                 in /etc/security/limits.conf; LimitNOFILE= in the systemd unit)",
+                config.max_connections.unwrap_or(0),
+                nofile.soft,
+                budget.reserve,
+                budget.allowed,
+                budget.allowed
+            );
+        }
+        let cap = leak::connection_cap(config.eof_policy, budget.max_connections);
+        log::info!(
+            "fd limit: soft {} (was {}), hard {}; {} fds open at start; max_connections {}",
+            nofile.soft,
+            nofile.soft_at_start,
+            nofile.hard,
+            open_at_start,
+            if cap == usize::MAX {
+                "unlimited (leaky)".to_string()
+            } else {
+                cap.to_string()
+            }
+        );
+
+        let mut parts = Vec::with_capacity(workers);
+        let mut wakers = Vec::with_capacity(workers);
+        let first = listener::bind(config.listen, &config, workers > 1)?;
+        let local_addr = first.local_addr()?;
+        let mut first = Some(first);
+        for index in 0..workers {
+            let listener = match first.take() {
+                Some(listener) => listener,
+                None => listener::bind(local_addr, &config, true)?,
+            };
+            let poll = Poll::new()?;
+            wakers.push(Waker::new(poll.registry(), WAKER)?);
+            let signals = if config.handle_signals && index == 0 {
+                let mut signals = Signals::new([SIGINT, SIGTERM])?;
+                poll.registry()
+                    .register(&mut signals, SIGNALS, Interest::READABLE)?;
+                Some(signals)
+            } else {
+                None
+            };
+            parts.push(WorkerParts {
+                poll,
+                listener,
+                cap: limits::split_cap(cap, workers, index),
+                signals,
+            });
+        }
+
+        let stats = Stats::default();
+        stats.set(
+            Counter::MaxConnections,
+            if cap == usize::MAX { 0 } else { cap as u64 },
+        );
+        stats.set(Counter::FdLimit, nofile.soft);
+        stats.set(Counter::Workers, workers as u64);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            wakers,
+            stats,
+        });
         Ok(Server {
-            addr: l.local_addr()?,
+            config,
+            local_addr,
+            workers: parts,
+            shared,
+            make_service: Arc::new(make_service),
         })
     }
-    /// stub
+
+    /// The address the server listens on (with the port the OS chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.local_addr
     }
-    /// stub
+
+    /// A handle to stop the server or read its counters from another thread.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serve until [`Handle::shutdown`] or SIGINT/SIGTERM (when `handle_signals` is set),
+    /// then drain and return. Worker 0 runs on the calling thread.
     pub fn run(self) -> io::Result<()> {
+        let Server {
+            config,
+            local_addr,
+            workers,
+            shared,
+            make_service,
+        } = self;
+        log::info!("serving {local_addr} with {} worker(s)", workers.len());
+        let mut threads = Vec::new();
+        let mut first = None;
+        for (index, parts) in workers.into_iter().enumerate() {
+            let worker = (config.clone(), shared.clone(), make_service.clone());
+            if index == 0 {
+                first = Some((parts, worker));
+                continue;
+            }
+            let thread = thread::Builder::new()
+                .name(format!("closewait-{index}"))
+                .spawn(move || {
+                    let (config, shared, make_service) = worker;
+                    Worker::new(index, parts, &config, shared, make_service()).run()
+                })?;
+            threads.push(thread);
+        }
+        let mut result = match first {
+            Some((parts, (config, shared, make_service))) => {
+                Worker::new(0, parts, &config, shared, make_service()).run()
+            }
+            None => Ok(()),
+        };
+        if result.is_err() {
+            // One worker failed: the others must not keep serving a half-dead server.
+            shared.request_stop();
+        }
+        for thread in threads {
+            let outcome = thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a worker thread panicked")));
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        log::info!("stopped; {}", shared.stats.summary());
+        result
+    }
+}
+
+/// Fds open in this process now (the directory handle used to count them excluded).
+fn count_own_fds() -> u64 {
+    match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir.count().saturating_sub(1) as u64,
+        Err(e) => {
+            // Without /proc, assume stdio only; the safety margin covers the difference.
+            log::warn!("cannot count open fds from /proc/self/fd: {e}; assuming 3");
+            3
+        }
+    }
+}
+
+/// One event loop: a poll, a listener, a slab of connections.
+struct Worker<S> {
+    index: usize,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    listener_registered: bool,
+    signals: Option<Signals>,
+    registry: Registry,
+    gate: AcceptGate,
+    cap: usize,
+    accept_pending: bool,
+    shared: Arc<Shared>,
+    service: S,
+    input: Box<[u8]>,
+    output: Vec<u8>,
+    /// Verdicts of this turn, acted on after the event batch.
+    closing: Vec<(Token, CloseReason)>,
+    /// Connections to run again next turn without an event (read budget spent, or resumed).
+    again: Vec<Token>,
+    drain_deadline: Option<Instant>,
+    warn: Throttle,
+    state_log: Throttle,
+    when_full: WhenFull,
+    max_frame: usize,
+    max_pending_output: usize,
+    eof_policy: EofPolicy,
+    drain_timeout: Duration,
+}
+
+impl<S: Service> Worker<S> {
+    fn new(
+        index: usize,
+        parts: WorkerParts,
+        config: &Config,
+        shared: Arc<Shared>,
+        service: S,
+    ) -> Worker<S> {
+        let WorkerParts {
+            poll,
+            listener,
+            cap,
+            signals,
+        } = parts;
+        Worker {
+            index,
+            poll,
+            listener: Some(listener),
+            listener_registered: false,
+            signals,
+            registry: Registry::new(leak::idle_timeout(config.eof_policy, config.idle_timeout)),
+            gate: AcceptGate::default(),
+            cap,
+            accept_pending: true,
+            shared,
+            service,
+            input: vec![0; READ_CHUNK].into_boxed_slice(),
+            output: Vec::with_capacity(READ_CHUNK),
+            closing: Vec::new(),
+            again: Vec::new(),
+            drain_deadline: None,
+            warn: Throttle::default(),
+            state_log: Throttle::new(1, STATE_LOG_INTERVAL),
+            when_full: config.when_full,
+            max_frame: config.max_frame,
+            max_pending_output: config.max_pending_output,
+            eof_policy: config.eof_policy,
+            drain_timeout: config.drain_timeout,
+        }
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        self.set_listening(true)?;
+        loop {
+            let timeout = self.poll_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for token in std::mem::take(&mut self.again) {
+                self.drive(token, now, |conn, io| conn.on_event(io, true, false, false));
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_pending = true,
+                    WAKER => {}
+                    SIGNALS => self.on_signals(),
+                    token => {
+                        // A read-closed hint is read like readable: only a read returning 0
+                        // proves the FIN, and data may arrive with it.
+                        let readable = event.is_readable() || event.is_read_closed();
+                        let (writable, error) = (event.is_writable(), event.is_error());
+                        self.drive(token, now, |conn, io| {
+                            conn.on_event(io, readable, writable, error)
+                        });
+                    }
+                }
+            }
+            if self.shared.stop.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
+                self.begin_shutdown(now);
+            }
+            self.reap(now);
+            self.expire_idle(now);
+            if let Some(deadline) = self.drain_deadline {
+                if self.registry.is_empty() {
+                    return Ok(());
+                }
+                if now >= deadline {
+                    log::warn!(
+                        "drain timeout: closing {} connection(s) with replies unsent",
+                        self.registry.len()
+                    );
+                    for token in self.registry.tokens() {
+                        self.closing.push((token, CloseReason::Shutdown));
+                    }
+                    self.reap(now);
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.gate.retry_at().is_some_and(|at| at <= now) {
+                self.reopen_gate(now);
+            }
+            if self.accept_pending && self.gate.is_open() {
+                self.accept(now);
+            }
+        }
+    }
+
+    /// How long `poll` may sleep: until the next deadline, or not at all if work is queued.
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.again.is_empty()
+            || (self.accept_pending && self.gate.is_open() && self.drain_deadline.is_none())
+        {
+            return Some(Duration::ZERO);
+        }
+        [
+            self.registry.next_deadline(),
+            self.gate.retry_at(),
+            self.drain_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|deadline| deadline.saturating_duration_since(now))
+    }
+
+    /// Run `f` on the connection behind `token` (if it is still open) and file its verdict.
+    fn drive(
+        &mut self,
+        token: Token,
+        now: Instant,
+        f: impl FnOnce(&mut Connection, &mut Io<'_, S>) -> Step,
+    ) {
+        let Some(conn) = self.registry.get_mut(token) else {
+            return; // closed earlier: a stale event (mio #219), nothing to do
+        };
+        let mut io = Io {
+            input: &mut self.input,
+            output: &mut self.output,
+            service: &mut self.service,
+            stats: &self.shared.stats,
+            warn: &mut self.warn,
+            max_frame: self.max_frame,
+            max_pending_output: self.max_pending_output,
+            eof_policy: self.eof_policy,
+        };
+        let step = f(conn, &mut io);
+        if conn.take_progress() {
+            self.registry.touch(token, now);
+        }
+        match step {
+            Step::Continue => {}
+            Step::Again => self.again.push(token),
+            Step::Close(reason) => self.closing.push((token, reason)),
+        }
+    }
+
+    /// The one close path: every reason ends here, is counted once, and frees the slot.
+    fn reap(&mut self, now: Instant) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let stats = &self.shared.stats;
+        for (token, reason) in self.closing.drain(..) {
+            let Some(mut conn) = self.registry.remove(self.poll.registry(), token) else {
+                continue; // already closed this turn
+            };
+            stats.sub(Counter::Active, 1);
+            stats.add(reason.counter(), 1);
+            if reason == CloseReason::WriteStall {
+                // Abortive close: the kernel drops our queued output now instead of holding
+                // it (and the fd's memory) for a peer that is not reading.
+                let _ = socket2::SockRef::from(conn.stream_mut() as &TcpStream)
+                    .set_linger(Some(Duration::ZERO));
+            }
+            if reason.is_abnormal() {
+                if self.warn.allow() {
+                    log::warn!(
+                        "{}: closed: {reason}{}",
+                        conn.peer(),
+                        self.warn.suppressed_note()
+                    );
+                }
+            } else {
+                log::debug!("{}: closed: {reason}", conn.peer());
+            }
+        }
+        // A freed fd raises no event: if accept was paused (cap or EMFILE), retry now.
+        if !self.gate.is_open() && self.drain_deadline.is_none() {
+            self.reopen_gate(now);
+        }
+    }
+
+    fn expire_idle(&mut self, now: Instant) {
+        while let Some(token) = self.registry.pop_expired(now) {
+            let Some(conn) = self.registry.get_mut(token) else {
+                continue;
+            };
+            let reason = if conn.has_pending_output() || conn.is_read_paused() {
+                CloseReason::WriteStall
+            } else {
+                CloseReason::Idle
+            };
+            self.closing.push((token, reason));
+        }
+        self.reap(now);
+    }
+
+    /// Accept until the backlog is empty, the cap is reached, or fds run out.
+    fn accept(&mut self, now: Instant) {
+        self.accept_pending = false;
+        for _ in 0..ACCEPTS_PER_TURN {
+            if self.registry.len() >= self.cap && self.when_full == WhenFull::Wait {
+                self.pause_at_cap(now);
+                return;
+            }
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    if let Transition::Recovered(failures) = self.gate.accepted() {
+                        log::info!(
+                            "accepting again after {failures} failed accept(s) for lack of fds"
+                        );
+                    }
+                    self.shared.stats.add(Counter::Accepted, 1);
+                    if self.registry.len() >= self.cap {
+                        self.reject(stream, peer);
+                        continue;
+                    }
+                    match self
+                        .registry
+                        .insert(self.poll.registry(), stream, peer, now)
+                    {
+                        Ok(_) => {
+                            self.shared.stats.add(Counter::Active, 1);
+                            log::debug!("{peer}: connected");
+                        }
+                        Err(e) => log::warn!("{peer}: cannot register with poll: {e}; closing it"),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => match limits::classify_accept_error(&e) {
+                    AcceptError::Skip => log::debug!("accept: {e} (skipped)"),
+                    kind => {
+                        self.on_accept_exhausted(&e, kind, now);
+                        return;
+                    }
+                },
+            }
+        }
+        // Budget spent with connections possibly still queued: continue next turn.
+        self.accept_pending = true;
+    }
+
+    fn on_accept_exhausted(&mut self, e: &io::Error, kind: AcceptError, now: Instant) {
+        if kind == AcceptError::Exhausted {
+            self.shared.stats.add(Counter::EmfileEvents, 1);
+        }
+        let open = self.registry.len();
+        let limit = self.shared.stats.get(Counter::FdLimit);
+        match self.gate.exhausted(now) {
+            Transition::ExhaustedStart(delay) => log::warn!(
+                "accept failed: {e}; {open} connections open, fd limit {limit}; not accepting for \
+                 {delay:?} (open connections are still served; retrying when one closes)"
+            ),
+            Transition::ExhaustedAgain(delay) if self.state_log.allow() => {
+                log::warn!(
+                    "accept still failing: {e}; next retry in {delay:?}{}",
+                    self.state_log.suppressed_note()
+                )
+            }
+            _ => {}
+        }
+        self.set_listening(false)
+            .unwrap_or_else(|e| log::error!("cannot pause the listener: {e}"));
+    }
+
+    fn pause_at_cap(&mut self, now: Instant) {
+        if self.gate.full(now) == Transition::Paused {
+            self.shared.stats.add(Counter::AcceptPauses, 1);
+            if self.state_log.allow() {
+                log::warn!(
+                    "connection cap reached ({} open): new connections wait in the listen backlog{}",
+                    self.registry.len(),
+                    self.state_log.suppressed_note()
+                );
+            }
+        }
+        self.set_listening(false)
+            .unwrap_or_else(|e| log::error!("cannot pause the listener: {e}"));
+    }
+
+    /// A slot or an fd may be free: accept again (the queued connections raise no new event).
+    fn reopen_gate(&mut self, now: Instant) {
+        if let Transition::Resumed(paused) = self.gate.retry(now) {
+            self.shared
+                .stats
+                .add(Counter::AcceptPausedMs, paused.as_millis() as u64);
+            log::debug!("accepting again after {paused:?} at the cap");
+        }
+        self.accept_pending = true;
+        self.set_listening(true)
+            .unwrap_or_else(|e| log::error!("cannot resume the listener: {e}"));
+    }
+
+    /// Register or deregister the listener, so a paused server takes no wake-ups from SYNs.
+    fn set_listening(&mut self, on: bool) -> io::Result<()> {
+        let Some(listener) = &mut self.listener else {
+            return Ok(());
+        };
+        if on == self.listener_registered {
+            return Ok(());
+        }
+        if on {
+            self.poll
+                .registry()
+                .register(listener, LISTENER, Interest::READABLE)?;
+        } else {
+            self.poll.registry().deregister(listener)?;
+        }
+        self.listener_registered = on;
         Ok(())
+    }
+
+    /// `--when-full reject`: tell the client why and close, rather than keep it waiting.
+    fn reject(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        use std::io::Write;
+        let message = format!("server full: {} connections", self.registry.len());
+        let mut reply = Vec::with_capacity(message.len() + 5);
+        frame::encode(&mut reply, service::ERROR, message.as_bytes());
+        // A fresh socket's send buffer always has room for one small frame.
+        if let Err(e) = stream.write(&reply) {
+            log::debug!("{peer}: could not send the rejection: {e}");
+        }
+        self.shared.stats.add(Counter::Rejected, 1);
+        if self.warn.allow() {
+            log::warn!("{peer}: rejected: {message}{}", self.warn.suppressed_note());
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let Some(signals) = &mut self.signals else {
+            return;
+        };
+        let mut got = None;
+        for signal in signals.pending() {
+            got = Some(signal);
+        }
+        if let Some(signal) = got {
+            let name = if signal == SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            log::info!("{name} received: shutting down gracefully");
+            self.shared.request_stop();
+        }
+    }
+
+    /// Stop accepting, answer what was received, then let the loop drain and exit.
+    fn begin_shutdown(&mut self, now: Instant) {
+        if let Some(mut listener) = self.listener.take() {
+            if self.listener_registered {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
+        }
+        self.drain_deadline = Some(now + self.drain_timeout);
+        self.again.clear();
+        log::info!(
+            "worker {}: draining {} connection(s)",
+            self.index,
+            self.registry.len()
+        );
+        for token in self.registry.tokens() {
+            self.drive(token, now, |conn, io| conn.begin_shutdown(io));
+        }
+        // Resumed connections are driven by events now; shutdown never reads a paused one.
+        self.again.clear();
     }
 }

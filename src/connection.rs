@@ -1,0 +1,490 @@
+//! One connection: a small state machine over a non-blocking socket.
+//!
+//! ```text
+//!   Open ──read 0 (peer FIN)──▶ Draining(PeerEof) ──output flushed──▶ closed
+//!     │  ──invalid frame──────▶ Draining(Protocol) ─┘
+//!     │  ──server shutdown────▶ Draining(Shutdown) ─┘
+//!     │  ──reset / I/O error─────────────────────────────────────────▶ closed
+//!     └──read 0, leaky variant──▶ Leaked (never leaves: CLOSE_WAIT)
+//! ```
+//!
+//! A connection owns only what it cannot give back: its socket, the unfinished tail of a
+//! frame, and replies the peer has not taken yet. Reads go into the loop's scratch buffer and
+//! replies are written from a buffer lent by the loop, so an idle connection holds no buffer
+//! at all. Handlers return a [`Step`]; a connection never removes itself — the loop does that,
+//! once, through its one close path.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use mio::net::TcpStream;
+
+use crate::frame::{self, Decoded, FrameError, HEADER_LEN};
+use crate::leak;
+use crate::service::{self, Context, Reply, Service};
+use crate::stats::{Counter, Stats};
+use crate::throttle::Throttle;
+use crate::EofPolicy;
+
+/// Size of the loop's read buffer: one read takes up to this much from a socket.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Reads per readiness event before the loop moves on to other connections; the connection
+/// is revisited next turn, so one fast peer cannot starve the rest.
+pub const READS_PER_TURN: usize = 16;
+
+/// Why a connection ended. Each reason has its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer sent FIN and every reply was flushed.
+    PeerEof,
+    /// The peer reset the connection.
+    Reset,
+    /// Another I/O error (timeouts from the kernel included), with its errno (0 if none).
+    Error(i32),
+    /// The peer sent an invalid frame; it got an ERROR reply first.
+    Protocol,
+    /// Nothing received or sent for the idle timeout.
+    Idle,
+    /// Replies pending but the peer took none for the idle timeout.
+    WriteStall,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The counter this reason increments.
+    pub fn counter(self) -> Counter {
+        match self {
+            CloseReason::PeerEof => Counter::ClosedEof,
+            CloseReason::Reset => Counter::ClosedReset,
+            CloseReason::Error(_) => Counter::ClosedError,
+            CloseReason::Protocol => Counter::ClosedProtocol,
+            CloseReason::Idle => Counter::ClosedIdle,
+            CloseReason::WriteStall => Counter::ClosedWriteStall,
+            CloseReason::Shutdown => Counter::ClosedShutdown,
+        }
+    }
+
+    /// Whether operators should hear about it (warn) rather than see it at debug level.
+    pub fn is_abnormal(self) -> bool {
+        !matches!(self, CloseReason::PeerEof | CloseReason::Shutdown)
+    }
+
+    /// Classify an I/O error from a read or write.
+    pub fn from_io(e: &io::Error) -> CloseReason {
+        match e.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted => CloseReason::Reset,
+            _ => CloseReason::Error(e.raw_os_error().unwrap_or(0)),
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::PeerEof => f.write_str("peer closed (FIN), replies flushed"),
+            CloseReason::Reset => f.write_str("connection reset by peer"),
+            CloseReason::Error(0) => f.write_str("I/O error"),
+            CloseReason::Error(errno) => {
+                write!(f, "I/O error: {}", io::Error::from_raw_os_error(*errno))
+            }
+            CloseReason::Protocol => f.write_str("invalid frame (ERROR sent)"),
+            CloseReason::Idle => f.write_str("idle timeout"),
+            CloseReason::WriteStall => {
+                f.write_str("write stall: peer took no output for the idle timeout")
+            }
+            CloseReason::Shutdown => f.write_str("server shutdown"),
+        }
+    }
+}
+
+/// What the loop must do with a connection after a handler ran.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Keep it; more events will come.
+    Continue,
+    /// Keep it, and call [`Connection::on_event`] again next turn without waiting for an
+    /// event: it stopped reading with input possibly left in the socket (read budget spent).
+    Again,
+    /// Close it now, for this reason.
+    Close(CloseReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Reading requests, writing replies.
+    Open,
+    /// No more reading: flush the replies, then close for this reason.
+    Draining(CloseReason),
+    /// The leaky variant saw the peer's FIN and ignored it.
+    Leaked,
+}
+
+/// Buffers and settings the loop lends to every handler call.
+pub struct Io<'a, S> {
+    /// The loop's read buffer, [`READ_CHUNK`] bytes.
+    pub input: &'a mut [u8],
+    /// An empty output buffer (with capacity) that a connection may borrow while it writes.
+    pub output: &'a mut Vec<u8>,
+    /// The protocol.
+    pub service: &'a mut S,
+    /// Counters.
+    pub stats: &'a Stats,
+    /// Rate limit for warnings a peer can trigger.
+    pub warn: &'a mut Throttle,
+    /// Largest legal frame body.
+    pub max_frame: usize,
+    /// Pending output above which we stop reading the peer.
+    pub max_pending_output: usize,
+    /// The reference behaviour or the leak.
+    pub eof_policy: EofPolicy,
+}
+
+/// A client connection and its state.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: State,
+    /// Bytes of an unfinished frame; empty (no allocation) between frames.
+    partial: Vec<u8>,
+    /// Replies not yet taken by the socket; `sent` bytes of it are already written.
+    pending: Vec<u8>,
+    sent: usize,
+    /// We stopped reading because `pending` is over the limit. Readiness is remembered here,
+    /// because under edge-triggered polling the socket will not signal it again.
+    read_paused: bool,
+    /// Bytes moved in either direction since the loop last asked (idle timer input).
+    progressed: bool,
+}
+
+impl Connection {
+    /// Wrap an accepted, registered socket.
+    pub fn new(stream: TcpStream, peer: SocketAddr) -> Connection {
+        Connection {
+            stream,
+            peer,
+            state: State::Open,
+            partial: Vec::new(),
+            pending: Vec::new(),
+            sent: 0,
+            read_paused: false,
+            progressed: false,
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The socket, for (de)registration.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Whether replies are waiting for the peer to read them.
+    pub fn has_pending_output(&self) -> bool {
+        self.pending.len() > self.sent
+    }
+
+    /// Whether bytes moved since the last call (and forget it).
+    pub fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progressed)
+    }
+
+    /// Whether the connection is read-paused for output backpressure.
+    pub fn is_read_paused(&self) -> bool {
+        self.read_paused
+    }
+
+    /// Handle a readiness event (or a retry after [`Step::Again`]).
+    pub fn on_event<S: Service>(
+        &mut self,
+        io: &mut Io<'_, S>,
+        readable: bool,
+        writable: bool,
+        error: bool,
+    ) -> Step {
+        if self.state == State::Leaked {
+            return Step::Continue;
+        }
+        if error {
+            // RST or a kernel timeout (keepalive, TCP_USER_TIMEOUT): nothing more can be
+            // delivered, so close without reading or writing.
+            if let Ok(Some(e)) | Err(e) = self.stream.take_error() {
+                return Step::Close(CloseReason::from_io(&e));
+            }
+        }
+        if writable && self.has_pending_output() {
+            if let Some(step) = self.flush(io) {
+                return step;
+            }
+        }
+        if readable || self.read_paused {
+            return self.on_readable(io);
+        }
+        Step::Continue
+    }
+
+    /// Begin a graceful shutdown: answer what can be read now, then flush and close.
+    pub fn begin_shutdown<S: Service>(&mut self, io: &mut Io<'_, S>) -> Step {
+        match self.state {
+            State::Leaked => return Step::Close(CloseReason::Shutdown),
+            State::Draining(_) => return self.flush(io).unwrap_or(Step::Continue),
+            State::Open => {}
+        }
+        // Requests already in the socket buffer were sent before we stopped: answer them.
+        // (A read-paused peer's unread requests stay unanswered: reading them would grow
+        // memory past the bound for a peer that is not reading.)
+        let mut step = Step::Continue;
+        if !self.read_paused {
+            step = self.read_until_blocked(io, usize::MAX);
+        }
+        if matches!(step, Step::Close(_)) {
+            return step;
+        }
+        if self.state == State::Open {
+            self.state = State::Draining(CloseReason::Shutdown);
+        }
+        self.flush(io).unwrap_or(Step::Continue)
+    }
+
+    fn on_readable<S: Service>(&mut self, io: &mut Io<'_, S>) -> Step {
+        if self.state != State::Open {
+            // Draining reads nothing more, but a reset must still be noticed.
+            return match self.stream.take_error() {
+                Ok(Some(e)) | Err(e) => Step::Close(CloseReason::from_io(&e)),
+                Ok(None) => Step::Continue,
+            };
+        }
+        let step = self.read_until_blocked(io, READS_PER_TURN);
+        if let Step::Close(_) = step {
+            return step;
+        }
+        match self.flush(io) {
+            Some(close) => close,
+            None => step,
+        }
+    }
+
+    /// Read and answer until the socket is drained (`WouldBlock`), the peer's FIN, the
+    /// output bound, or `budget` reads. Edge-triggered readiness makes draining mandatory:
+    /// stop early without remembering it and no event comes again — data and FIN left in the
+    /// socket, the connection stuck in CLOSE_WAIT.
+    fn read_until_blocked<S: Service>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
+        self.read_paused = false;
+        self.lend_output(io);
+        let mut step = Step::Again;
+        for _ in 0..budget {
+            if self.pending.len() - self.sent >= io.max_pending_output {
+                // Try to make room before deciding to stop reading this peer.
+                if let Some(close) = self.write_pending() {
+                    step = close;
+                    break;
+                }
+                if self.pending.len() - self.sent >= io.max_pending_output {
+                    self.read_paused = true;
+                    step = Step::Continue;
+                    break;
+                }
+            }
+            match self.stream.read(io.input) {
+                Ok(0) => {
+                    step = leak::on_read_eof(io.eof_policy, self);
+                    if self.state == State::Leaked {
+                        io.stats.add(Counter::Leaked, 1);
+                    }
+                    break;
+                }
+                Ok(n) => {
+                    self.progressed = true;
+                    if let Err(e) = self.handle_input(n, io) {
+                        self.on_invalid_frame(e, io);
+                        step = Step::Continue;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    step = Step::Continue;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    step = Step::Close(CloseReason::from_io(&e));
+                    break;
+                }
+            }
+        }
+        step
+    }
+
+    /// Called by [`leak::on_read_eof`] for the reference behaviour: the peer will send
+    /// nothing more, so stop reading; replies already queued are still delivered.
+    pub(crate) fn drain_then_close(&mut self) -> Step {
+        if !self.partial.is_empty() {
+            log::debug!(
+                "{}: closed mid-frame, {} bytes of an unfinished frame dropped",
+                self.peer,
+                self.partial.len()
+            );
+            self.partial = Vec::new();
+        }
+        self.state = State::Draining(CloseReason::PeerEof);
+        Step::Continue
+    }
+
+    /// Called by [`leak::on_read_eof`] for the leaky variant: do nothing, forever.
+    pub(crate) fn ignore_eof(&mut self) -> Step {
+        self.state = State::Leaked;
+        Step::Continue
+    }
+
+    /// Answer every whole frame in the first `n` bytes of the input buffer; keep the
+    /// unfinished tail in `partial`.
+    fn handle_input<S: Service>(&mut self, n: usize, io: &mut Io<'_, S>) -> Result<(), FrameError> {
+        let Io {
+            input,
+            service,
+            stats,
+            warn,
+            max_frame,
+            ..
+        } = io;
+        let mut data = &input[..n];
+        let cx = Context {
+            peer: self.peer,
+            stats,
+        };
+        let mut reply = Reply::new(&mut self.pending);
+        let mut requests = 0;
+
+        // First finish the frame left over from an earlier read, taking only its bytes, so
+        // the common case below parses straight from the read buffer without copying.
+        while !self.partial.is_empty() && !data.is_empty() {
+            let want = if self.partial.len() < HEADER_LEN {
+                HEADER_LEN
+            } else {
+                want_len(&self.partial)
+            };
+            let take = (want - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            match frame::decode(&self.partial, *max_frame) {
+                Decoded::Frame { body, .. } => {
+                    service.call(body, &mut reply, &cx);
+                    requests += 1;
+                    self.partial = Vec::new();
+                }
+                // Not reserved up front from the announced length: a peer could then make
+                // us allocate max_frame per connection by sending four bytes.
+                Decoded::Incomplete => {}
+                Decoded::Invalid(e) => {
+                    self.partial = Vec::new();
+                    return Err(e);
+                }
+            }
+        }
+        loop {
+            match frame::decode(data, *max_frame) {
+                Decoded::Frame { body, used } => {
+                    service.call(body, &mut reply, &cx);
+                    requests += 1;
+                    data = &data[used..];
+                }
+                Decoded::Incomplete => {
+                    self.partial.extend_from_slice(data);
+                    break;
+                }
+                Decoded::Invalid(e) => return Err(e),
+            }
+        }
+        if let Some((count, first)) = reply.take_errors() {
+            if warn.allow() {
+                log::warn!(
+                    "{}: bad request: {first} ({count} in this read){}",
+                    self.peer,
+                    warn.suppressed_note()
+                );
+            }
+        }
+        stats.add(Counter::Requests, requests);
+        Ok(())
+    }
+
+    /// The stream cannot be resynchronised after a bad length: tell the peer why, stop
+    /// reading, and close once the ERROR frame is flushed.
+    fn on_invalid_frame<S>(&mut self, e: FrameError, io: &mut Io<'_, S>) {
+        if io.warn.allow() {
+            log::warn!("{}: {e}; closing{}", self.peer, io.warn.suppressed_note());
+        }
+        frame::encode(&mut self.pending, service::ERROR, e.to_string().as_bytes());
+        io.stats.add(Counter::Requests, 1);
+        self.partial = Vec::new();
+        self.state = State::Draining(CloseReason::Protocol);
+    }
+
+    /// Write what the socket takes; close if draining and done. `None` means keep going.
+    fn flush<S>(&mut self, io: &mut Io<'_, S>) -> Option<Step> {
+        if let Some(close) = self.write_pending() {
+            return Some(close);
+        }
+        if self.has_pending_output() {
+            return None;
+        }
+        self.return_output(io);
+        match self.state {
+            State::Draining(reason) => Some(Step::Close(reason)),
+            _ if self.read_paused => {
+                // Room again: resume reading the requests we left in the socket.
+                Some(Step::Again)
+            }
+            _ => None,
+        }
+    }
+
+    /// One `write` per readiness in the common case: every reply of the batch at once.
+    fn write_pending(&mut self) -> Option<Step> {
+        while self.has_pending_output() {
+            match self.stream.write(&self.pending[self.sent..]) {
+                Ok(0) => return Some(Step::Close(CloseReason::Error(0))),
+                Ok(n) => {
+                    self.sent += n;
+                    self.progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(Step::Close(CloseReason::from_io(&e))),
+            }
+        }
+        None
+    }
+
+    /// Borrow the loop's output buffer if we hold none, so replies need no allocation.
+    fn lend_output<S>(&mut self, io: &mut Io<'_, S>) {
+        if self.pending.capacity() == 0 {
+            std::mem::swap(&mut self.pending, io.output);
+            self.sent = 0;
+        }
+    }
+
+    /// All sent: give the buffer back (or drop it), so an idle connection owns none.
+    fn return_output<S>(&mut self, io: &mut Io<'_, S>) {
+        self.pending.clear();
+        self.sent = 0;
+        if self.pending.capacity() > io.output.capacity() {
+            std::mem::swap(&mut self.pending, io.output);
+        }
+        self.pending = Vec::new();
+    }
+}
+
+/// Total bytes (header included) of the frame whose header starts `buf` (>= 4 bytes).
+fn want_len(buf: &[u8]) -> usize {
+    let header: [u8; HEADER_LEN] = buf[..HEADER_LEN]
+        .try_into()
+        .expect("caller checked the length");
+    HEADER_LEN + u32::from_be_bytes(header) as usize
+}

@@ -1,0 +1,113 @@
+//! The registry: the slab of connections, their poll registrations and their idle deadlines.
+//!
+//! **Invariant:** one connection = one slab entry = one registered fd = one idle-list node.
+//! Only this module touches the slab, so that invariant is kept in two functions: [`insert`]
+//! (register, then store) and [`remove`] (deregister, unlink, drop = close).
+//!
+//! [`insert`]: Registry::insert
+//! [`remove`]: Registry::remove
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry as PollRegistry, Token};
+use slab::Slab;
+
+use crate::connection::Connection;
+use crate::timers::IdleList;
+
+/// Connections by token. A token is the slab key, so lookup is an index.
+#[derive(Debug)]
+pub struct Registry {
+    slab: Slab<Connection>,
+    idle: Option<IdleList>,
+}
+
+impl Registry {
+    /// An empty registry; `idle_timeout` of `None` keeps no deadlines.
+    pub fn new(idle_timeout: Option<Duration>) -> Registry {
+        Registry {
+            slab: Slab::new(),
+            idle: idle_timeout.map(IdleList::new),
+        }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    /// Register `stream` for reads and writes and store it.
+    ///
+    /// Both interests are registered once, for the connection's whole life: edge-triggered
+    /// writable events come only after a write hit a full buffer, so this costs no wake-ups,
+    /// and it saves a `reregister` syscall each time output backs up. Readable is never
+    /// dropped: without it epoll does not report the peer's FIN.
+    pub fn insert(
+        &mut self,
+        poll: &PollRegistry,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> io::Result<Token> {
+        let entry = self.slab.vacant_entry();
+        let token = Token(entry.key());
+        poll.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        entry.insert(Connection::new(stream, peer));
+        if let Some(idle) = &mut self.idle {
+            idle.touch(token.0, now);
+        }
+        Ok(token)
+    }
+
+    /// The connection for `token`, if it is still open (events for closed ones are stale).
+    pub fn get_mut(&mut self, token: Token) -> Option<&mut Connection> {
+        self.slab.get_mut(token.0)
+    }
+
+    /// Record activity on `token` at `now` (pushes its idle deadline back).
+    pub fn touch(&mut self, token: Token, now: Instant) {
+        if let Some(idle) = &mut self.idle {
+            idle.touch(token.0, now);
+        }
+    }
+
+    /// The earliest idle deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.idle.as_ref().and_then(IdleList::next_deadline)
+    }
+
+    /// A connection whose idle deadline passed, taken off the idle list (still open).
+    pub fn pop_expired(&mut self, now: Instant) -> Option<Token> {
+        self.idle.as_mut()?.pop_expired(now).map(Token)
+    }
+
+    /// Tokens of every open connection.
+    pub fn tokens(&self) -> Vec<Token> {
+        self.slab.iter().map(|(key, _)| Token(key)).collect()
+    }
+
+    /// Deregister, forget and close the connection. Returns it (already deregistered) so
+    /// the caller can log about it; dropping it closes the fd. `None` if already removed,
+    /// which makes closing idempotent.
+    pub fn remove(&mut self, poll: &PollRegistry, token: Token) -> Option<Connection> {
+        let mut conn = self.slab.try_remove(token.0)?;
+        if let Some(idle) = &mut self.idle {
+            idle.remove(token.0);
+        }
+        // Deregister before the fd closes (mio requires it, and it keeps a reused slab key
+        // from receiving this socket's stale events). Failure only means epoll already
+        // forgot the fd.
+        if let Err(e) = poll.deregister(conn.stream_mut()) {
+            log::debug!("{}: deregister failed: {e}", conn.peer());
+        }
+        Some(conn)
+    }
+}

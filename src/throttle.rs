@@ -1,0 +1,95 @@
+//! Rate limit for log lines a peer (or a storm of peers) can trigger in a loop.
+//!
+//! A log line per bad request or per failed accept lets one misbehaving client fill a disk.
+//! A [`Throttle`] lets a few lines per window through and counts the rest, so the next line
+//! that gets through can say how many were dropped.
+
+use std::time::{Duration, Instant};
+
+/// Lines allowed per window.
+pub const DEFAULT_BURST: u32 = 10;
+/// Window length.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(1);
+
+/// A fixed-window counter: at most `burst` lines per `window`.
+#[derive(Debug)]
+pub struct Throttle {
+    burst: u32,
+    window: Duration,
+    window_start: Option<Instant>,
+    used: u32,
+    suppressed: u64,
+    reported: u64,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new(DEFAULT_BURST, DEFAULT_WINDOW)
+    }
+}
+
+impl Throttle {
+    /// At most `burst` lines per `window`.
+    pub fn new(burst: u32, window: Duration) -> Throttle {
+        Throttle {
+            burst,
+            window,
+            window_start: None,
+            used: 0,
+            suppressed: 0,
+            reported: 0,
+        }
+    }
+
+    /// Whether a line may be logged now.
+    pub fn allow(&mut self) -> bool {
+        self.allow_at(Instant::now())
+    }
+
+    /// [`Throttle::allow`] with an explicit clock, for tests.
+    pub fn allow_at(&mut self, now: Instant) -> bool {
+        if self
+            .window_start
+            .is_none_or(|start| now.duration_since(start) >= self.window)
+        {
+            self.window_start = Some(now);
+            self.used = 0;
+        }
+        if self.used < self.burst {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Text to append to an allowed line: how many lines were dropped since the last note.
+    pub fn suppressed_note(&mut self) -> String {
+        let new = self.suppressed - self.reported;
+        self.reported = self.suppressed;
+        if new == 0 {
+            String::new()
+        } else {
+            format!(" ({new} similar lines suppressed)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_a_burst_per_window_then_reports_what_it_dropped() {
+        let t0 = Instant::now();
+        let mut throttle = Throttle::new(2, Duration::from_secs(1));
+        assert!(throttle.allow_at(t0));
+        assert!(throttle.allow_at(t0));
+        assert!(!throttle.allow_at(t0 + Duration::from_millis(500)));
+        assert!(!throttle.allow_at(t0 + Duration::from_millis(999)));
+        assert!(throttle.allow_at(t0 + Duration::from_secs(1)));
+        assert_eq!(throttle.suppressed_note(), " (2 similar lines suppressed)");
+        assert_eq!(throttle.suppressed_note(), "");
+    }
+}
