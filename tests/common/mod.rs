@@ -1,0 +1,298 @@
+//! Shared test helpers: start a real `closewait` process, talk the wire protocol, and read
+//! the server's fds, CLOSE_WAIT sockets, CPU time and memory from /proc.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use closewait::service::{ECHO, ECHO_REPLY, ERROR, PING, PING_REPLY, STATS, STATS_REPLY};
+
+/// Longest any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A `closewait` child process, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Start `closewait --listen 127.0.0.1:0 ARGS...`.
+    pub fn start(args: &[&str]) -> Server {
+        Server::spawn(None, args)
+    }
+
+    /// Start it with RLIMIT_NOFILE soft and hard set to `nofile` (via util-linux `prlimit`).
+    pub fn start_with_nofile(nofile: u64, args: &[&str]) -> Server {
+        Server::spawn(Some(nofile), args)
+    }
+
+    fn spawn(nofile: Option<u64>, args: &[&str]) -> Server {
+        let bin = env!("CARGO_BIN_EXE_closewait");
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn closewait");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("TEST_SHOW_LOG").is_some() {
+                    eprintln!("server: {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            // Keep reading so the server never blocks on a full stdout pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(WAIT) {
+            Ok(Some(Ok(line))) => line,
+            other => {
+                let _ = child.kill();
+                panic!(
+                    "no 'listening on' line from closewait: {other:?}; log: {:?}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
+        Server { child, addr, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open fds of the server process.
+    pub fn fds(&self) -> usize {
+        closewait::procfs::open_fds(self.pid()).expect("read server fds")
+    }
+
+    /// The server's sockets in CLOSE_WAIT.
+    pub fn close_wait(&self) -> usize {
+        closewait::procfs::close_wait_sockets(self.pid()).expect("read server tcp states")
+    }
+
+    /// User + system CPU time of the server, in clock ticks (usually 10 ms).
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read stat");
+        // Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat format")
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// Resident memory of the server, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS line");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    /// Wait until the log has a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        assert!(
+            wait_until(WAIT, || self.log_contains(needle)),
+            "no log line with {needle:?} in {:#?}",
+            self.log()
+        );
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// Send SIGTERM (via the `kill` command: no unsafe in tests).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("closewait did not exit within {limit:?}");
+    }
+
+    /// Wait until the server's fd count is `fds` and it has no CLOSE_WAIT socket.
+    pub fn wait_for_fds(&self, fds: usize) {
+        let ok = wait_until(WAIT, || self.fds() == fds && self.close_wait() == 0);
+        assert!(
+            ok,
+            "expected {fds} fds and no CLOSE_WAIT, saw {} fds and {} CLOSE_WAIT",
+            self.fds(),
+            self.close_wait()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `cond` every few ms until it holds or `limit` passes; whether it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Encode one frame.
+pub fn frame(op: u8, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + data.len());
+    out.extend_from_slice(&(1 + data.len() as u32).to_be_bytes());
+    out.push(op);
+    out.extend_from_slice(data);
+    out
+}
+
+/// A blocking client with timeouts.
+pub struct Client {
+    pub stream: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        Client { stream }
+    }
+
+    pub fn send(&mut self, op: u8, data: &[u8]) {
+        self.stream.write_all(&frame(op, data)).expect("send");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send raw");
+    }
+
+    /// Read one frame: `None` on EOF before its first byte.
+    pub fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
+        self.try_recv().expect("recv")
+    }
+
+    pub fn try_recv(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
+        let mut header = [0u8; 4];
+        match self.stream.read(&mut header[..1])? {
+            0 => return Ok(None),
+            _ => self.stream.read_exact(&mut header[1..])?,
+        }
+        let mut body = vec![0; u32::from_be_bytes(header) as usize];
+        self.stream.read_exact(&mut body)?;
+        let data = body.split_off(1);
+        Ok(Some((body[0], data)))
+    }
+
+    /// Whether the server closed its side (read returns 0 within the timeout).
+    pub fn at_eof(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
+    }
+
+    pub fn ping(&mut self) {
+        self.send(PING, b"");
+        assert_eq!(self.recv(), Some((PING_REPLY, vec![])));
+    }
+
+    pub fn echo(&mut self, data: &[u8]) {
+        self.send(ECHO, data);
+        assert_eq!(self.recv(), Some((ECHO_REPLY, data.to_vec())));
+    }
+
+    /// The STATS counters.
+    pub fn stats(&mut self) -> HashMap<String, u64> {
+        self.send(STATS, b"");
+        let (op, data) = self.recv().expect("stats reply");
+        assert_eq!(op, STATS_REPLY);
+        String::from_utf8(data)
+            .expect("utf-8 stats")
+            .lines()
+            .map(|l| {
+                let (name, value) = l.split_once(' ').expect("name value");
+                (name.to_string(), value.parse().expect("integer value"))
+            })
+            .collect()
+    }
+
+    pub fn half_close(&self) {
+        self.stream
+            .shutdown(Shutdown::Write)
+            .expect("shutdown write");
+    }
+
+    /// Close with RST instead of FIN.
+    pub fn reset(self) {
+        socket2::SockRef::from(&self.stream)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(self);
+    }
+}
