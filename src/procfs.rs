@@ -16,11 +16,17 @@ pub const TCP_ESTABLISHED: u8 = 0x01;
 /// Kernel TCP state code for LISTEN.
 pub const TCP_LISTEN: u8 = 0x0A;
 
-/// One row of `/proc/net/tcp` or `/proc/net/tcp6`: the socket's state and inode.
+/// One row of `/proc/net/tcp` or `/proc/net/tcp6`: the socket's state, queues and inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpRow {
     /// State code (see the `TCP_*` constants).
     pub state: u8,
+    /// Bytes sent but not yet acknowledged by the peer (on loopback: the peer's receive
+    /// window is full, i.e. it is not reading). `ss` shows it as Send-Q.
+    pub tx_queue: u64,
+    /// Bytes received but not yet read by the owner (`ss` Recv-Q; 1 on a CLOSE_WAIT socket
+    /// that holds only the FIN).
+    pub rx_queue: u64,
     /// Socket inode; matches `socket:[INODE]` in `/proc/PID/fd/*` links.
     pub inode: u64,
 }
@@ -34,8 +40,16 @@ pub fn parse_tcp_table(text: &str) -> Vec<TcpRow> {
             // Columns: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
             let cols: Vec<&str> = line.split_whitespace().collect();
             let state = u8::from_str_radix(cols.get(3)?, 16).ok()?;
+            let (tx, rx) = cols.get(4)?.split_once(':')?;
+            let tx_queue = u64::from_str_radix(tx, 16).ok()?;
+            let rx_queue = u64::from_str_radix(rx, 16).ok()?;
             let inode = cols.get(9)?.parse().ok()?;
-            Some(TcpRow { state, inode })
+            Some(TcpRow {
+                state,
+                tx_queue,
+                rx_queue,
+                inode,
+            })
         })
         .collect()
 }
@@ -66,11 +80,11 @@ pub fn open_fds(pid: u32) -> io::Result<usize> {
     Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
-/// Count of `pid`'s TCP sockets (IPv4 and IPv6) in each state, as `(state, count)` pairs.
-/// Reads the tables of `pid`'s own network namespace.
-pub fn tcp_states(pid: u32) -> io::Result<Vec<(u8, usize)>> {
+/// The rows of `pid`'s own TCP sockets (IPv4 and IPv6), from the tables of its network
+/// namespace.
+pub fn tcp_rows(pid: u32) -> io::Result<Vec<TcpRow>> {
     let inodes = socket_inodes(pid)?;
-    let mut counts = [0usize; 256];
+    let mut rows = Vec::new();
     for table in ["tcp", "tcp6"] {
         // tcp6 is absent when IPv6 is disabled: that table then holds nothing of ours.
         let text = match fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
@@ -78,11 +92,20 @@ pub fn tcp_states(pid: u32) -> io::Result<Vec<(u8, usize)>> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        for row in parse_tcp_table(&text) {
-            if inodes.contains(&row.inode) {
-                counts[row.state as usize] += 1;
-            }
-        }
+        rows.extend(
+            parse_tcp_table(&text)
+                .into_iter()
+                .filter(|row| inodes.contains(&row.inode)),
+        );
+    }
+    Ok(rows)
+}
+
+/// Count of `pid`'s TCP sockets in each state, as `(state, count)` pairs.
+pub fn tcp_states(pid: u32) -> io::Result<Vec<(u8, usize)>> {
+    let mut counts = [0usize; 256];
+    for row in tcp_rows(pid)? {
+        counts[row.state as usize] += 1;
     }
     Ok((0u8..=255).zip(counts).filter(|&(_, n)| n > 0).collect())
 }
@@ -103,31 +126,31 @@ mod tests {
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1EC6 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41817 1 0000000000000000 100 0 0 10 0
    1: 0100007F:1EC6 0100007F:D3F2 08 00000000:00000001 00:00000000 00000000     0        0 41820 1 0000000000000000 20 4 30 10 -1
-   2: 0100007F:D3F4 0100007F:1EC6 01 00000000:00000000 00:00000000 00000000     0        0 41822 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:D3F4 0100007F:1EC6 01 0000002A:00000000 00:00000000 00000000     0        0 41822 1 0000000000000000 20 4 30 10 -1
 ";
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:1EC6 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 52001 1 0000000000000000 100 0 0 10 0
    1: 00000000000000000000000001000000:1EC6 00000000000000000000000001000000:A1B2 08 00000000:00000001 00:00000000 00000000     0        0 52007 1 0000000000000000 20 4 30 10 -1
 ";
 
+    fn row(state: u8, tx_queue: u64, rx_queue: u64, inode: u64) -> TcpRow {
+        TcpRow {
+            state,
+            tx_queue,
+            rx_queue,
+            inode,
+        }
+    }
+
     #[test]
-    fn parses_ipv4_rows_with_state_and_inode() {
+    fn parses_ipv4_rows_with_state_queues_and_inode() {
         let rows = parse_tcp_table(TCP);
         assert_eq!(
             rows,
             vec![
-                TcpRow {
-                    state: TCP_LISTEN,
-                    inode: 41817
-                },
-                TcpRow {
-                    state: TCP_CLOSE_WAIT,
-                    inode: 41820
-                },
-                TcpRow {
-                    state: TCP_ESTABLISHED,
-                    inode: 41822
-                },
+                row(TCP_LISTEN, 0, 0, 41817),
+                row(TCP_CLOSE_WAIT, 0, 1, 41820),
+                row(TCP_ESTABLISHED, 0x2a, 0, 41822)
             ]
         );
     }
@@ -136,13 +159,12 @@ mod tests {
     fn parses_ipv6_rows_with_long_addresses() {
         let rows = parse_tcp_table(TCP6);
         assert_eq!(
-            rows[1],
-            TcpRow {
-                state: TCP_CLOSE_WAIT,
-                inode: 52007
-            }
+            rows,
+            vec![
+                row(TCP_LISTEN, 0, 0, 52001),
+                row(TCP_CLOSE_WAIT, 0, 1, 52007)
+            ]
         );
-        assert_eq!(rows.len(), 2);
     }
 
     #[test]

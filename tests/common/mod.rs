@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use closewait::service::{ECHO, ECHO_REPLY, ERROR, PING, PING_REPLY, STATS, STATS_REPLY};
 
 /// Longest any single wait in a test may take before it fails.
@@ -21,6 +22,7 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    log_reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -57,7 +59,7 @@ impl Server {
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = log.clone();
-        thread::spawn(move || {
+        let log_reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("TEST_SHOW_LOG").is_some() {
                     eprintln!("server: {line}");
@@ -86,7 +88,12 @@ impl Server {
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
-        Server { child, addr, log }
+        Server {
+            child,
+            addr,
+            log,
+            log_reader: Some(log_reader),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -101,6 +108,16 @@ impl Server {
     /// The server's sockets in CLOSE_WAIT.
     pub fn close_wait(&self) -> usize {
         closewait::procfs::close_wait_sockets(self.pid()).expect("read server tcp states")
+    }
+
+    /// Bytes the server has sent that its peers have not taken (sum of Send-Q): non-zero
+    /// once some peer stopped reading and its receive window filled.
+    pub fn unacked_output(&self) -> u64 {
+        closewait::procfs::tcp_rows(self.pid())
+            .expect("read server tcp rows")
+            .iter()
+            .map(|r| r.tx_queue)
+            .sum()
     }
 
     /// User + system CPU time of the server, in clock ticks (usually 10 ms).
@@ -164,6 +181,10 @@ impl Server {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The log is complete only once its reader has seen the pipe close.
+                if let Some(reader) = self.log_reader.take() {
+                    reader.join().expect("log reader");
+                }
                 return status.code();
             }
             thread::sleep(Duration::from_millis(10));
