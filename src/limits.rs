@@ -87,8 +87,9 @@ impl std::fmt::Display for LimitTooLow {
     }
 }
 
-/// `max_connections = fd_limit - (fds open at start + FDS_PER_WORKER * workers + SIGNAL_FDS
-/// + FD_SAFETY_MARGIN)`, lowered to `requested` if that is smaller. Counting the fds already
+/// `max_connections = fd_limit - reserve`, where
+/// `reserve = fds open at start + FDS_PER_WORKER * workers + SIGNAL_FDS + FD_SAFETY_MARGIN`,
+/// lowered to `requested` if that is smaller. Counting the fds already
 /// open (stdio, inherited fds, an embedding program's files) is what makes the cap honest:
 /// the kernel's limit applies to the highest fd number, not to our connections.
 pub fn derive_budget(

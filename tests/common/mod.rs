@@ -105,6 +105,16 @@ impl Server {
         closewait::procfs::open_fds(self.pid()).expect("read server fds")
     }
 
+    /// The lowest fd number the server does not use: the one its next `accept` would get.
+    pub fn lowest_free_fd(&self) -> u64 {
+        let used: std::collections::HashSet<u64> =
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .expect("list server fds")
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+        (0..).find(|n| !used.contains(n)).expect("a free fd number")
+    }
+
     /// The server's sockets in CLOSE_WAIT.
     pub fn close_wait(&self) -> usize {
         closewait::procfs::close_wait_sockets(self.pid()).expect("read server tcp states")

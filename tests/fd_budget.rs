@@ -1,0 +1,391 @@
+//! The fd budget: a cap derived from RLIMIT_NOFILE, backpressure instead of EMFILE, survival
+//! when EMFILE happens anyway, and bounds on what idle and slow peers can make us hold.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Clients that each sent one PING; tracks which have had their PONG.
+struct Waiting {
+    clients: Vec<Option<Client>>,
+    served: Vec<bool>,
+}
+
+impl Waiting {
+    fn connect(addr: SocketAddr, n: usize) -> Waiting {
+        let clients: Vec<Option<Client>> = (0..n)
+            .map(|_| {
+                let mut client = Client::connect(addr);
+                client.send(PING, b"");
+                client.stream.set_nonblocking(true).unwrap();
+                Some(client)
+            })
+            .collect();
+        Waiting {
+            served: vec![false; n],
+            clients,
+        }
+    }
+
+    /// Check every unserved client for its PONG without blocking; how many are served.
+    fn served(&mut self) -> usize {
+        for (client, served) in self.clients.iter_mut().zip(&mut self.served) {
+            if let (Some(client), false) = (client, *served) {
+                let mut pong = [0u8; 5];
+                match client.stream.peek(&mut pong) {
+                    Ok(5) => {
+                        client.stream.read_exact(&mut pong).unwrap();
+                        assert_eq!(pong, [0, 0, 0, 1, PING_REPLY]);
+                        *served = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("waiting client failed: {e}"),
+                }
+            }
+        }
+        self.served.iter().filter(|&&s| s).count()
+    }
+
+    /// Close `n` served clients that are still open.
+    fn close_served(&mut self, n: usize) {
+        let mut closed = 0;
+        for (client, &served) in self.clients.iter_mut().zip(&self.served) {
+            if served && client.is_some() && closed < n {
+                *client = None;
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, n);
+    }
+}
+
+/// Over `window`, the server's CPU time (ticks) and the largest fd count seen, while
+/// checking that `still` keeps holding.
+fn watch(server: &Server, window: Duration, mut still: impl FnMut() -> bool) -> (u64, usize) {
+    let cpu = server.cpu_ticks();
+    let mut max_fds = 0;
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        max_fds = max_fds.max(server.fds());
+        assert!(still(), "condition broke during the window");
+        thread::sleep(Duration::from_millis(20));
+    }
+    (server.cpu_ticks() - cpu, max_fds)
+}
+
+#[test]
+fn under_nofile_128_three_hundred_clients_get_exactly_the_cap_and_the_rest_wait() {
+    let server = Server::start_with_nofile(128, &[]);
+    let mut probe = server.connect();
+    let stats = probe.stats();
+    let cap = stats["max_connections"] as usize;
+    assert_eq!(stats["fd_limit"], 128);
+    assert!(cap > 50 && cap < 128, "cap {cap}");
+    let mut waiting = Waiting::connect(server.addr, 299);
+    assert!(
+        wait_until(WAIT, || waiting.served() == cap - 1),
+        "served {} of cap {cap}",
+        waiting.served()
+    );
+    // Full: nobody else is served, no fd is wasted, and the loop sleeps.
+    let (cpu, max_fds) = watch(&server, Duration::from_secs(1), || {
+        waiting.served() == cap - 1
+    });
+    assert!(max_fds <= 128, "fds {max_fds}");
+    assert!(cpu <= 3, "server used {cpu} ticks of CPU in 1 s while full");
+    let stats = probe.stats();
+    assert!(stats["accept_pauses"] >= 1, "{stats:?}");
+    waiting.close_served(50);
+    assert!(
+        wait_until(WAIT, || waiting.served() == cap - 1 + 50),
+        "after 50 closes: served {}",
+        waiting.served()
+    );
+    assert!(
+        !server.log_contains("Too many open files"),
+        "{:#?}",
+        server.log()
+    );
+    assert!(server.log_contains("connection cap reached"));
+}
+
+#[test]
+fn max_connections_above_the_fd_limit_is_clamped_with_a_warning() {
+    let server = Server::start_with_nofile(128, &["--max-connections", "100000"]);
+    let stats = server.connect().stats();
+    assert!(stats["max_connections"] < 128, "{stats:?}");
+    let warning = server
+        .log()
+        .into_iter()
+        .find(|l| l.contains("--max-connections 100000"))
+        .expect("a clamp warning");
+    assert!(
+        warning.contains("WARN") && warning.contains("128") && warning.contains("LimitNOFILE"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn emfile_after_the_limit_is_lowered_backs_off_without_spinning_and_recovers() {
+    let server = Server::start_with_nofile(256, &[]);
+    let mut served: Vec<Client> = (0..3).map(|_| server.connect()).collect();
+    for client in &mut served {
+        client.ping();
+    }
+    // Lower the running server's limit to the next fd number it would use: accept -> EMFILE.
+    let fds = server.lowest_free_fd();
+    let status = Command::new("prlimit")
+        .args([
+            "--pid",
+            &server.pid().to_string(),
+            &format!("--nofile={fds}:{fds}"),
+        ])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success());
+    let mut late = Waiting::connect(server.addr, 1);
+    server.wait_for_log("Too many open files");
+    let (cpu, _) = watch(&server, Duration::from_secs(1), || late.served() == 0);
+    assert!(cpu <= 5, "server used {cpu} ticks of CPU in 1 s of EMFILE");
+    served[0].echo(b"existing clients are still served");
+    let stats = served[0].stats();
+    assert!((1..=20).contains(&stats["emfile_events"]), "{stats:?}");
+    // Freeing an fd raises no event; the server must retry on its own. (Two closes, since
+    // only an fd numbered below the new limit helps.)
+    served.truncate(1);
+    assert!(
+        wait_until(WAIT, || late.served() == 1),
+        "waiting client never served"
+    );
+    server.wait_for_log("accepting again");
+}
+
+#[test]
+fn idle_timeout_closes_idle_and_half_sent_connections_and_keeps_busy_ones() {
+    let server = Server::start(&["--idle-timeout", "1"]);
+    let start = Instant::now();
+    let mut idle = server.connect();
+    idle.ping();
+    let mut half = server.connect();
+    half.send_raw(&frame(ECHO, b"never finished")[..9]);
+    let waiters: Vec<_> = [idle, half]
+        .into_iter()
+        .map(|mut client| thread::spawn(move || (client.at_eof(), start.elapsed())))
+        .collect();
+    let mut busy = server.connect();
+    while !waiters.iter().all(|w| w.is_finished()) && start.elapsed() < WAIT {
+        busy.ping();
+        thread::sleep(Duration::from_millis(100)); // the busy client's pace, not a wait
+    }
+    for waiter in waiters {
+        let (closed, after) = waiter.join().unwrap();
+        assert!(closed, "not closed");
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(4),
+            "closed after {after:?}"
+        );
+    }
+    busy.ping();
+    assert_eq!(busy.stats()["closed_idle"], 2);
+}
+
+#[test]
+fn flood_without_reading_keeps_memory_bounded_and_every_reply_arrives() {
+    const FRAMES: u32 = 1700; // 64 KiB each: 106 MiB of requests
+    let server = Server::start(&[]);
+    let mut other = server.connect();
+    other.ping();
+    let rss_before = server.rss_kib();
+    let flood = server.connect();
+    let written = Arc::new(AtomicU64::new(0));
+    let mut stream = flood.stream.try_clone().unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let counter = written.clone();
+    let writer = thread::spawn(move || {
+        for i in 0..FRAMES {
+            let mut data = vec![(i % 253) as u8; 64 * 1024];
+            data[..4].copy_from_slice(&i.to_be_bytes());
+            stream.write_all(&frame(ECHO, &data)).expect("flood write");
+            counter.fetch_add(64 * 1024 + 5, Ordering::Relaxed);
+        }
+    });
+    // The server has stopped reading the flood: our writes stall.
+    assert!(
+        wait_until(WAIT, || {
+            let before = written.load(Ordering::Relaxed);
+            thread::sleep(Duration::from_millis(100));
+            server.unacked_output() > 0 && written.load(Ordering::Relaxed) == before
+        }),
+        "flood never stalled"
+    );
+    let stalled_at = written.load(Ordering::Relaxed);
+    assert!(
+        stalled_at < 32 << 20,
+        "server took {stalled_at} bytes from a peer that reads nothing"
+    );
+    let grown = server.rss_kib().saturating_sub(rss_before);
+    assert!(grown < 8 * 1024, "server RSS grew by {grown} KiB");
+    for _ in 0..10 {
+        let t = Instant::now();
+        other.ping();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "another client waited {:?}",
+            t.elapsed()
+        );
+    }
+    let mut reader = flood;
+    for i in 0..FRAMES {
+        let (op, data) = reader.recv().expect("reply");
+        assert_eq!(op, ECHO_REPLY);
+        assert_eq!(data[..4], i.to_be_bytes(), "reply {i}");
+        assert_eq!(data.len(), 64 * 1024);
+    }
+    writer.join().unwrap();
+}
+
+#[test]
+fn when_full_reject_sends_server_full_and_closes() {
+    let server = Server::start(&["--max-connections", "2", "--when-full", "reject"]);
+    let mut a = server.connect();
+    a.ping();
+    let mut b = server.connect();
+    b.ping();
+    let mut c = server.connect();
+    assert_eq!(
+        c.recv(),
+        Some((ERROR, b"server full: 2 connections".to_vec()))
+    );
+    assert!(c.at_eof());
+    assert_eq!(a.stats()["rejected"], 1);
+    drop(b);
+    assert!(wait_until(WAIT, || a.stats()["active"] == 1));
+    server.connect().ping();
+}
+
+#[test]
+fn a_freed_slot_serves_a_waiting_client_without_a_new_connection_arriving() {
+    let server = Server::start(&["--max-connections", "3", "--backlog", "12"]);
+    let mut waiting = Waiting::connect(server.addr, 12);
+    assert!(wait_until(WAIT, || waiting.served() == 3));
+    let (cpu, _) = watch(&server, Duration::from_millis(300), || {
+        waiting.served() == 3
+    });
+    assert!(cpu <= 2, "{cpu} ticks while full");
+    waiting.close_served(1);
+    let t = Instant::now();
+    assert!(
+        wait_until(WAIT, || waiting.served() == 4),
+        "no waiting client served after a slot freed"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    let (_, _) = watch(&server, Duration::from_millis(200), || {
+        waiting.served() == 4
+    });
+}
+
+/// Write requests without reading replies until the server stops taking them (it paused
+/// reading us for output backpressure): the socket stays unwritable and the server holds
+/// replies our window cannot take.
+fn pause_for_backpressure(server: &Server, client: &mut Client) {
+    let chunk: Vec<u8> = (0..16).flat_map(|_| frame(ECHO, &[9; 4096])).collect();
+    client.stream.set_nonblocking(true).unwrap();
+    let (mut at, mut blocked_polls) = (0, 0);
+    let deadline = Instant::now() + WAIT;
+    while blocked_polls < 5 {
+        assert!(Instant::now() < deadline, "server never paused");
+        match client.stream.write(&chunk[at..]) {
+            Ok(n) => {
+                at = (at + n) % chunk.len();
+                blocked_polls = 0;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                blocked_polls += usize::from(server.unacked_output() > 0);
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("flood write: {e}"),
+        }
+    }
+    client.stream.set_nonblocking(false).unwrap();
+}
+
+#[test]
+fn fin_or_reset_while_read_paused_is_still_reaped() {
+    let server = Server::start(&[]);
+    let baseline = server.fds();
+    // FIN, then close with replies unread (the kernel turns that into RST).
+    let mut client = server.connect();
+    pause_for_backpressure(&server, &mut client);
+    client.half_close();
+    drop(client);
+    server.wait_for_fds(baseline);
+    // A plain RST.
+    let mut client = server.connect();
+    pause_for_backpressure(&server, &mut client);
+    client.reset();
+    server.wait_for_fds(baseline);
+}
+
+#[test]
+fn fin_while_read_paused_then_reading_gets_every_reply_then_eof() {
+    const FRAMES: usize = 4096; // 4 KiB each: 16 MiB, far past the buffers and the bound
+    let server = Server::start(&[]);
+    let baseline = server.fds();
+    let mut client = server.connect();
+    let mut stream = client.stream.try_clone().unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let writer = thread::spawn(move || {
+        let batch: Vec<u8> = (0..FRAMES).flat_map(|_| frame(ECHO, &[9; 4096])).collect();
+        stream.write_all(&batch).expect("write requests");
+        // FIN: it reaches the server while it is still read-paused.
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    });
+    assert!(
+        wait_until(WAIT, || server.unacked_output() > 0),
+        "server never filled our window"
+    );
+    let mut replies = 0;
+    while let Some((op, data)) = client.recv() {
+        assert_eq!((op, data.len()), (ECHO_REPLY, 4096));
+        replies += 1;
+    }
+    assert_eq!(replies, FRAMES);
+    writer.join().unwrap();
+    server.wait_for_fds(baseline);
+}
+
+#[test]
+fn a_peer_that_takes_no_output_for_the_idle_timeout_is_closed_as_a_write_stall() {
+    let server = Server::start(&["--idle-timeout", "1"]);
+    let baseline = server.fds();
+    let mut client = server.connect();
+    pause_for_backpressure(&server, &mut client);
+    // The client keeps its socket open and reads nothing; the server must give up on it.
+    server.wait_for_fds(baseline);
+    let stats = server.connect().stats();
+    assert_eq!(
+        (stats["closed_write_stall"], stats["closed_idle"]),
+        (1, 0),
+        "{stats:?}"
+    );
+    drop(client);
+}
