@@ -323,7 +323,7 @@ impl Connection {
 
     /// Called by [`leak::on_read_eof`] for the reference behaviour: the peer will send
     /// nothing more, so stop reading; replies already queued are still delivered.
-    pub(crate) fn drain_then_close(&mut self) -> Step {
+    pub fn drain_then_close(&mut self) -> Step {
         if !self.partial.is_empty() {
             log::debug!(
                 "{}: closed mid-frame, {} bytes of an unfinished frame dropped",
@@ -337,7 +337,7 @@ impl Connection {
     }
 
     /// Called by [`leak::on_read_eof`] for the leaky variant: do nothing, forever.
-    pub(crate) fn ignore_eof(&mut self) -> Step {
+    pub fn ignore_eof(&mut self) -> Step {
         self.state = State::Leaked;
         Step::Continue
     }

@@ -17,7 +17,7 @@ use crate::EofPolicy;
 /// The reference answers what is buffered, flushes and closes (else the socket stays in
 /// CLOSE_WAIT). The leaky variant returns without doing anything: under edge-triggered
 /// polling no event will ever come for this socket again.
-pub(crate) fn on_read_eof(policy: EofPolicy, conn: &mut Connection) -> Step {
+pub fn on_read_eof(policy: EofPolicy, conn: &mut Connection) -> Step {
     match policy {
         EofPolicy::Close => conn.drain_then_close(),
         EofPolicy::Leak => conn.ignore_eof(),
@@ -25,7 +25,7 @@ pub(crate) fn on_read_eof(policy: EofPolicy, conn: &mut Connection) -> Step {
 }
 
 /// The connection cap in force: the leaky variant has none, so it accepts until EMFILE.
-pub(crate) fn connection_cap(policy: EofPolicy, derived: usize) -> usize {
+pub fn connection_cap(policy: EofPolicy, derived: usize) -> usize {
     match policy {
         EofPolicy::Close => derived,
         EofPolicy::Leak => usize::MAX,
@@ -33,7 +33,7 @@ pub(crate) fn connection_cap(policy: EofPolicy, derived: usize) -> usize {
 }
 
 /// The idle timeout in force: the leaky variant has none, so nothing reaps its leaks.
-pub(crate) fn idle_timeout(policy: EofPolicy, configured: Option<Duration>) -> Option<Duration> {
+pub fn idle_timeout(policy: EofPolicy, configured: Option<Duration>) -> Option<Duration> {
     match policy {
         EofPolicy::Close => configured,
         EofPolicy::Leak => None,

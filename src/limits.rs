@@ -6,7 +6,7 @@
 //! must not accept, it stops asking: at the cap the listener is paused and new connections
 //! wait in the kernel's backlog; on EMFILE/ENFILE accept backs off (5 ms doubling to 1 s)
 //! instead of spinning, and retries when the back-off ends or a connection closes (a freed
-//! fd raises no event). This module decides; the loop ([`crate::server`]) acts.
+//! fd raises no event). This module decides; the loop ([`crate::Server`]) acts.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -131,7 +131,7 @@ pub enum Gate {
     BackingOff(Instant),
 }
 
-/// Decides when to accept. The loop asks [`AcceptGate::may_accept`] before each accept and
+/// Decides when to accept. The loop asks [`AcceptGate::is_open`] before each accept and
 /// reports each outcome; the gate says when to pause and when to retry.
 #[derive(Debug)]
 pub struct AcceptGate {
