@@ -23,6 +23,11 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Default TCP keepalive: unanswered probes before the kernel drops the connection.
 pub const DEFAULT_KEEPALIVE_RETRIES: u32 = 5;
 
+/// Longest timeout accepted for any setting: beyond this, "never" (0 or `None`) is meant.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Linux refuses TCP keepalive times and intervals above this (`MAX_TCP_KEEPIDLE`).
+pub const MAX_KEEPALIVE_SECS: u64 = 32767;
+
 /// What to do with a new connection while the server holds `max_connections`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WhenFull {
@@ -99,5 +104,81 @@ impl Default for Config {
             handle_signals: false,
             eof_policy: EofPolicy::Close,
         }
+    }
+}
+
+impl Config {
+    /// Check the values against what the server and the kernel can honour, so a bad flag
+    /// fails at start-up with its name rather than as a panic or an `EINVAL` later.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_frame == 0 || self.max_frame > u32::MAX as usize {
+            return Err(format!(
+                "max_frame must be 1..={} bytes, not {}",
+                u32::MAX,
+                self.max_frame
+            ));
+        }
+        if self.max_pending_output == 0 {
+            return Err("max_pending_output must be at least 1 byte".into());
+        }
+        if self.workers == 0 {
+            return Err("workers must be at least 1".into());
+        }
+        for (name, value) in [
+            ("idle_timeout", self.idle_timeout),
+            ("tcp_user_timeout", self.tcp_user_timeout),
+            ("drain_timeout", Some(self.drain_timeout)),
+        ] {
+            if value.is_some_and(|v| v > MAX_TIMEOUT) {
+                return Err(format!(
+                    "{name} must be at most {} s",
+                    MAX_TIMEOUT.as_secs()
+                ));
+            }
+        }
+        for (name, value) in [
+            ("keepalive_time", self.keepalive_time),
+            ("keepalive_interval", Some(self.keepalive_interval)),
+        ] {
+            if value.is_some_and(|v| v.as_secs() > MAX_KEEPALIVE_SECS || v.is_zero()) {
+                return Err(format!("{name} must be 1..={MAX_KEEPALIVE_SECS} s"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn values_that_would_panic_or_stall_are_refused_by_name() {
+        let bad = |c: Config| c.validate().unwrap_err();
+        assert!(bad(Config {
+            max_pending_output: 0,
+            ..Config::default()
+        })
+        .contains("max_pending_output"));
+        assert!(bad(Config {
+            idle_timeout: Some(Duration::MAX),
+            ..Config::default()
+        })
+        .contains("idle_timeout"));
+        assert!(bad(Config {
+            keepalive_time: Some(Duration::from_secs(40_000)),
+            ..Config::default()
+        })
+        .contains("keepalive_time"));
+        assert!(bad(Config {
+            max_frame: 0,
+            ..Config::default()
+        })
+        .contains("max_frame"));
     }
 }

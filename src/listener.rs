@@ -17,6 +17,11 @@ use crate::Config;
 /// Bind and listen on `addr` with the backlog and per-connection options from `config`.
 /// `reuse_port` lets several workers share the address (the kernel spreads connections).
 pub fn bind(addr: SocketAddr, config: &Config, reuse_port: bool) -> io::Result<TcpListener> {
+    open(addr, config, reuse_port)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+fn open(addr: SocketAddr, config: &Config, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     // Restarting while old connections sit in TIME_WAIT must not fail with EADDRINUSE.
     socket.set_reuse_address(true)?;

@@ -130,7 +130,13 @@ impl<S: Service + 'static> Server<S> {
     where
         F: Fn() -> S + Send + Sync + 'static,
     {
-        let workers = config.workers.max(1);
+        config.validate().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid configuration: {e}"),
+            )
+        })?;
+        let workers = config.workers;
         if config.eof_policy == EofPolicy::Leak {
             log::warn!(
                 "LEAKY MODE: this server deliberately never closes a connection whose peer closed \
