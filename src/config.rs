@@ -121,6 +121,9 @@ impl Config {
         if self.max_pending_output == 0 {
             return Err("max_pending_output must be at least 1 byte".into());
         }
+        if self.max_connections == Some(0) {
+            return Err("max_connections must be at least 1".into());
+        }
         if self.workers == 0 {
             return Err("workers must be at least 1".into());
         }
