@@ -1,0 +1,135 @@
+//! A named-counter service on closewait: the template in `docs/template.md`, runnable.
+//!
+//! Same framing as the reference server (`u32` big-endian length, then an op byte and data);
+//! only what the ops mean changes:
+//!
+//! | request                  | reply                                        |
+//! |--------------------------|----------------------------------------------|
+//! | `0x10 INCR` + name       | `0x90` + the new value, `u64` big-endian     |
+//! | `0x11 GET` + name        | `0x91` + the value (0 if never incremented)  |
+//! | `0x02 PING`, `0x03 STATS`| as the reference server (delegated to it)    |
+//! | anything else            | `0xFF` ERROR + a message                     |
+//!
+//! Counters are shared by all workers (`Arc<Mutex<..>>`): with `--workers N` the kernel
+//! spreads connections over the workers, and a counter must not depend on which worker a
+//! client landed on. The lock is held for one hash-map update, never across I/O.
+//!
+//! Run it with every closewait flag (they are reused through `#[command(flatten)]`):
+//!
+//! ```sh
+//! cargo run --release --example counter -- --listen 127.0.0.1:0 --workers 2
+//! ```
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use closewait::service::{Reference, PING, STATS};
+use closewait::{Context, Reply, Server, Service};
+
+/// Request op: add one to the named counter; reply [`INCR_REPLY`] with the new value.
+const INCR: u8 = 0x10;
+/// Request op: read the named counter; reply [`GET_REPLY`] with its value.
+const GET: u8 = 0x11;
+/// Reply op to [`INCR`].
+const INCR_REPLY: u8 = 0x90;
+/// Reply op to [`GET`].
+const GET_REPLY: u8 = 0x91;
+/// Longest counter name, in bytes.
+const MAX_NAME: usize = 255;
+/// Most distinct counters: a peer must not be able to grow our memory without bound.
+const MAX_COUNTERS: usize = 100_000;
+
+/// Counter values by name, shared by every worker.
+type Counters = Arc<Mutex<HashMap<Vec<u8>, u64>>>;
+
+/// One worker's service: a handle on the shared counters.
+struct Counter {
+    counters: Counters,
+}
+
+impl Service for Counter {
+    fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
+        // The loop guarantees a whole frame body: never empty, at most --max-frame bytes.
+        let (op, name) = (request[0], &request[1..]);
+        match op {
+            INCR | GET if name.is_empty() || name.len() > MAX_NAME => {
+                reply.error(format_args!("counter name must be 1..={MAX_NAME} bytes"))
+            }
+            INCR => match self.incr(name) {
+                Some(value) => reply.send(INCR_REPLY, &value.to_be_bytes()),
+                None => reply.error(format_args!("too many counters (at most {MAX_COUNTERS})")),
+            },
+            GET => reply.send(GET_REPLY, &self.get(name).to_be_bytes()),
+            // Keep the reference ops so the usual tools (health checks, STATS) still work.
+            PING | STATS => Reference.call(request, reply, cx),
+            _ => reply.error(format_args!("unknown op 0x{op:02x}")),
+        }
+    }
+}
+
+impl Counter {
+    fn incr(&self, name: &[u8]) -> Option<u64> {
+        let mut counters = self.lock();
+        if let Some(value) = counters.get_mut(name) {
+            *value = value.saturating_add(1);
+            return Some(*value);
+        }
+        if counters.len() >= MAX_COUNTERS {
+            return None;
+        }
+        counters.insert(name.to_vec(), 1);
+        Some(1)
+    }
+
+    fn get(&self, name: &[u8]) -> u64 {
+        self.lock().get(name).copied().unwrap_or(0)
+    }
+
+    /// The map stays consistent even if another worker panicked while holding the lock
+    /// (each update is a single insert or increment), so a poisoned lock is still usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, u64>> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `counter` command line: every `closewait` flag, nothing else.
+#[derive(Parser)]
+#[command(name = "counter", about = "A named-counter service on closewait")]
+struct CounterArgs {
+    #[command(flatten)]
+    server: closewait::cli::Args,
+}
+
+fn main() -> ExitCode {
+    let args = CounterArgs::parse();
+    closewait::cli::init_logging();
+    let counters = Counters::default();
+    let server = match Server::with_service(args.server.to_config(), move || Counter {
+        counters: counters.clone(),
+    }) {
+        Ok(server) => server,
+        Err(e) => {
+            log::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Scripts and tests wait for exactly this line, as with the closewait binary.
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "listening on {}", server.local_addr())
+        .and_then(|_| out.flush())
+        .is_err()
+    {
+        log::warn!("could not write the listening line to stdout");
+    }
+    drop(out);
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("server stopped on an error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
