@@ -392,7 +392,7 @@ fn diagnose_commands_run_against_a_leaky_server() {
     );
     ledger.not_run(
         "cargo run --release -p loadtest -- watch",
-        "no cargo inside cargo test; `loadtest watch` has its own tests in loadtest/",
+        "no cargo inside cargo test (and the subcommand belongs to the loadtest crate)",
     );
     let server = Server::start(&["--leaky"]);
     let (pid, port) = (server.pid().to_string(), server.addr.port().to_string());
