@@ -7,10 +7,8 @@
 //! the idle timeout); everything else is the same code, so a comparison changes only what the
 //! incident's server got wrong. Never run it for real.
 
-use std::time::Duration;
-
 use crate::connection::{Connection, Step};
-use crate::EofPolicy;
+use crate::{Config, EofPolicy};
 
 /// A read returned 0: the peer sent FIN and will send nothing more.
 ///
@@ -32,10 +30,48 @@ pub fn connection_cap(policy: EofPolicy, derived: usize) -> usize {
     }
 }
 
-/// The idle timeout in force: the leaky variant has none, so nothing reaps its leaks.
-pub fn idle_timeout(policy: EofPolicy, configured: Option<Duration>) -> Option<Duration> {
-    match policy {
-        EofPolicy::Close => configured,
-        EofPolicy::Leak => None,
+/// The configuration in force: the leaky variant drops every timer that would eventually
+/// reap a leaked socket — the idle timeout, and TCP keepalive and `TCP_USER_TIMEOUT` (a
+/// keepalive probe to a vanished peer draws an RST that moves the socket out of CLOSE_WAIT,
+/// though its fd stays open, which would hide the leak from `ss` after a minute). The
+/// incident's server had none of them.
+pub fn defences(config: Config) -> Config {
+    match config.eof_policy {
+        EofPolicy::Close => config,
+        EofPolicy::Leak => Config {
+            idle_timeout: None,
+            keepalive_time: None,
+            tcp_user_timeout: None,
+            ..config
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_leaky_variant_has_no_timer_that_could_reap_a_leaked_socket() {
+        let leaky = defences(Config {
+            eof_policy: EofPolicy::Leak,
+            ..Config::default()
+        });
+        assert_eq!(
+            (
+                leaky.idle_timeout,
+                leaky.keepalive_time,
+                leaky.tcp_user_timeout
+            ),
+            (None, None, None)
+        );
+        assert_eq!(connection_cap(EofPolicy::Leak, 100), usize::MAX);
+    }
+
+    #[test]
+    fn the_reference_keeps_every_defence() {
+        let reference = defences(Config::default());
+        assert!(reference.idle_timeout.is_some() && reference.keepalive_time.is_some());
+        assert_eq!(connection_cap(EofPolicy::Close, 100), 100);
     }
 }

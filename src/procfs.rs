@@ -24,8 +24,8 @@ pub struct TcpRow {
     /// Bytes sent but not yet acknowledged by the peer (on loopback: the peer's receive
     /// window is full, i.e. it is not reading). `ss` shows it as Send-Q.
     pub tx_queue: u64,
-    /// Bytes received but not yet read by the owner (`ss` Recv-Q; 1 on a CLOSE_WAIT socket
-    /// that holds only the FIN).
+    /// Bytes received but not yet read by the owner (`ss` Recv-Q). On a CLOSE_WAIT socket it
+    /// is 1 while the FIN itself is unread, 0 once the owner read the EOF but never closed.
     pub rx_queue: u64,
     /// Socket inode; matches `socket:[INODE]` in `/proc/PID/fd/*` links.
     pub inode: u64,

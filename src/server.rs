@@ -136,6 +136,7 @@ impl<S: Service + 'static> Server<S> {
                 format!("invalid configuration: {e}"),
             )
         })?;
+        let config = leak::defences(config);
         let workers = config.workers;
         if config.eof_policy == EofPolicy::Leak {
             log::warn!(
@@ -350,7 +351,7 @@ impl<S: Service> Worker<S> {
             listener: Some(listener),
             listener_registered: false,
             signals,
-            registry: Registry::new(leak::idle_timeout(config.eof_policy, config.idle_timeout)),
+            registry: Registry::new(config.idle_timeout),
             gate: AcceptGate::default(),
             cap,
             accept_pending: true,

@@ -56,7 +56,9 @@ pub struct Reply<'a> {
 }
 
 impl<'a> Reply<'a> {
-    pub(crate) fn new(out: &'a mut Vec<u8>) -> Self {
+    /// A writer appending reply frames to `out`. The loop makes one per read; a service's
+    /// unit tests can make one to call [`Service::call`] without a socket.
+    pub fn new(out: &'a mut Vec<u8>) -> Self {
         Reply {
             out,
             errors: 0,
