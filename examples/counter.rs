@@ -21,7 +21,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
@@ -107,29 +106,10 @@ fn main() -> ExitCode {
     let args = CounterArgs::parse();
     closewait::cli::init_logging();
     let counters = Counters::default();
-    let server = match Server::with_service(args.server.to_config(), move || Counter {
-        counters: counters.clone(),
-    }) {
-        Ok(server) => server,
-        Err(e) => {
-            log::error!("cannot start: {e}");
-            return ExitCode::FAILURE;
+    // The same start-up as the closewait binary: listening line, signals, exit code.
+    closewait::cli::serve(Server::with_service(args.server.to_config(), move || {
+        Counter {
+            counters: counters.clone(),
         }
-    };
-    // Scripts and tests wait for exactly this line, as with the closewait binary.
-    let mut out = std::io::stdout().lock();
-    if writeln!(out, "listening on {}", server.local_addr())
-        .and_then(|_| out.flush())
-        .is_err()
-    {
-        log::warn!("could not write the listening line to stdout");
-    }
-    drop(out);
-    match server.run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("server stopped on an error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    }))
 }

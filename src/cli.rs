@@ -12,7 +12,7 @@ use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{self, Config, EofPolicy, WhenFull};
-use crate::Server;
+use crate::{Server, Service};
 
 /// `closewait` command-line flags. Every flag maps to one [`Config`] field.
 #[derive(Parser, Debug)]
@@ -130,7 +130,14 @@ where
         }
     };
     init_logging();
-    let server = match Server::bind(args.to_config()) {
+    serve(Server::bind(args.to_config()))
+}
+
+/// What the binary does once it has a bound server (or a reason it has none): print
+/// `listening on IP:PORT` to stdout, serve until SIGINT/SIGTERM, map the outcome to an exit
+/// code. A service built on closewait calls this with its own `Server::with_service(..)`.
+pub fn serve<S: Service + 'static>(server: std::io::Result<Server<S>>) -> ExitCode {
+    let server = match server {
         Ok(server) => server,
         Err(e) => {
             log::error!("cannot start: {e}");
