@@ -7,10 +7,17 @@ use common::*;
 #[test]
 fn two_workers_share_the_port_the_cap_and_the_counters() {
     let server = Server::start(&["--workers", "2", "--max-connections", "101"]);
-    let threads = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
-        .unwrap()
-        .count();
-    assert_eq!(threads, 2, "one thread per worker");
+    // The second worker's thread starts after the listening line is printed.
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+            .unwrap()
+            .count()
+    };
+    assert!(
+        wait_until(WAIT, || threads() == 2),
+        "one thread per worker, saw {}",
+        threads()
+    );
     let baseline = server.fds();
     let mut clients: Vec<Client> = (0..60).map(|_| server.connect()).collect();
     for (i, client) in clients.iter_mut().enumerate() {
