@@ -110,6 +110,25 @@ pub fn tcp_states(pid: u32) -> io::Result<Vec<(u8, usize)>> {
     Ok((0u8..=255).zip(counts).filter(|&(_, n)| n > 0).collect())
 }
 
+/// The `Max open files` line of `/proc/PID/limits`: `(soft, hard)`, `None` for unlimited.
+pub fn parse_nofile_limit(limits: &str) -> Option<(Option<u64>, Option<u64>)> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut values = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| match v {
+            "unlimited" => Some(None),
+            v => v.parse().ok().map(Some),
+        });
+    Some((values.next()??, values.next()??))
+}
+
+/// `pid`'s RLIMIT_NOFILE as `(soft, hard)` (what `prlimit --pid PID --nofile` shows).
+pub fn nofile_limit(pid: u32) -> io::Result<(Option<u64>, Option<u64>)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    parse_nofile_limit(&text)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no 'Max open files' line"))
+}
+
 /// Number of `pid`'s sockets in CLOSE_WAIT: peers that closed and that `pid` never closed.
 pub fn close_wait_sockets(pid: u32) -> io::Result<usize> {
     Ok(tcp_states(pid)?
@@ -165,6 +184,20 @@ mod tests {
                 row(TCP_CLOSE_WAIT, 0, 1, 52007)
             ]
         );
+    }
+
+    #[test]
+    fn parses_the_nofile_line_of_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max open files            1024                 524288               files
+Max locked memory         8388608              8388608              bytes
+";
+        assert_eq!(parse_nofile_limit(limits), Some((Some(1024), Some(524288))));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_nofile_limit(unlimited), Some((None, None)));
+        assert_eq!(parse_nofile_limit("Max processes 1 1 processes\n"), None);
     }
 
     #[test]
