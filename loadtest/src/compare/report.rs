@@ -1,0 +1,266 @@
+//! What `compare` writes: `samples.csv`, `fds.svg` and `report.md`, from the samples alone.
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+/// One variant's state at one second.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// Seconds since the load started.
+    pub t: u64,
+    /// `correct` or `leaky`.
+    pub variant: &'static str,
+    /// Open fds of the server process.
+    pub fds: usize,
+    /// Its sockets in CLOSE_WAIT.
+    pub close_wait: usize,
+    /// Requests answered, in total so far.
+    pub ok: u64,
+    /// Requests failed, in total so far.
+    pub failed: u64,
+    /// Connects failed, in total so far.
+    pub connect_failed: u64,
+    /// Peer closes (sessions ended on purpose), in total so far.
+    pub sessions: u64,
+    /// Median round trip in this second, µs (0 if no request completed).
+    pub p50_us: u64,
+    /// 99th percentile round trip in this second, µs.
+    pub p99_us: u64,
+    /// Whether the server has logged `Too many open files` by now.
+    pub accept_failing: bool,
+}
+
+/// The CSV header, matching [`csv_row`].
+pub const CSV_HEADER: &str =
+    "t_s,variant,fds,close_wait,requests_ok,requests_failed,connects_failed,peer_closes,p50_us,p99_us,accept_failing";
+
+/// One CSV line (no newline).
+pub fn csv_row(s: &Sample) -> String {
+    format!(
+        "{},{},{},{},{},{},{},{},{},{},{}",
+        s.t,
+        s.variant,
+        s.fds,
+        s.close_wait,
+        s.ok,
+        s.failed,
+        s.connect_failed,
+        s.sessions,
+        s.p50_us,
+        s.p99_us,
+        u8::from(s.accept_failing)
+    )
+}
+
+/// The end-of-run figures for one variant.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// `correct` or `leaky`.
+    pub variant: &'static str,
+    /// Highest fd count sampled.
+    pub peak_fds: usize,
+    /// Highest CLOSE_WAIT count sampled.
+    pub peak_close_wait: usize,
+    /// Requests answered.
+    pub ok: u64,
+    /// Requests failed.
+    pub failed: u64,
+    /// Connects failed.
+    pub connect_failed: u64,
+    /// Peer closes.
+    pub sessions: u64,
+    /// Median and 99th percentile round trip over the run, µs.
+    pub p50_us: u64,
+    /// See `p50_us`.
+    pub p99_us: u64,
+    /// First second at which the server's log showed `Too many open files`.
+    pub first_emfile_s: Option<u64>,
+    /// Longest run of consecutive samples with a CLOSE_WAIT socket.
+    pub longest_close_wait_run: usize,
+    /// Open fds once every client had left (filled in by the caller).
+    pub fds_after: usize,
+    /// CLOSE_WAIT sockets once every client had left (filled in by the caller).
+    pub close_wait_after: usize,
+}
+
+/// Summarise one variant's samples (in time order).
+pub fn summarise(variant: &'static str, samples: &[&Sample], p50_us: u64, p99_us: u64) -> Summary {
+    let last = samples.last();
+    let (mut run, mut longest) = (0, 0);
+    for s in samples {
+        run = if s.close_wait > 0 { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    Summary {
+        variant,
+        peak_fds: samples.iter().map(|s| s.fds).max().unwrap_or(0),
+        peak_close_wait: samples.iter().map(|s| s.close_wait).max().unwrap_or(0),
+        ok: last.map_or(0, |s| s.ok),
+        failed: last.map_or(0, |s| s.failed),
+        connect_failed: last.map_or(0, |s| s.connect_failed),
+        sessions: last.map_or(0, |s| s.sessions),
+        p50_us,
+        p99_us,
+        first_emfile_s: samples.iter().find(|s| s.accept_failing).map(|s| s.t),
+        longest_close_wait_run: longest,
+        fds_after: 0,
+        close_wait_after: 0,
+    }
+}
+
+/// The results table, in Markdown (also what the terminal shows).
+pub fn table(summaries: &[Summary]) -> String {
+    let mut out = String::from(
+        "| variant | peak fds | peak CLOSE_WAIT | fds after clients left | CLOSE_WAIT after clients left | requests ok | requests failed | connects failed | peer closes | p50 µs | p99 µs | first `Too many open files` |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for s in summaries {
+        let emfile = s
+            .first_emfile_s
+            .map_or("never".to_string(), |t| format!("after {t} s"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.variant,
+            s.peak_fds,
+            s.peak_close_wait,
+            s.fds_after,
+            s.close_wait_after,
+            s.ok,
+            s.failed,
+            s.connect_failed,
+            s.sessions,
+            s.p50_us,
+            s.p99_us,
+            emfile
+        );
+    }
+    out
+}
+
+/// One line of the chart: which variant, its legend, the value plotted, its colour.
+type Series = (&'static str, &'static str, fn(&Sample) -> usize, RGBColor);
+
+/// Draw fd counts and CLOSE_WAIT counts of both variants over time, with the fd limit.
+pub fn draw_svg(path: &Path, samples: &[Sample], nofile: u64) -> io::Result<()> {
+    draw(path, samples, nofile)
+        .map_err(|e| io::Error::other(format!("drawing {}: {e}", path.display())))
+}
+
+fn draw(path: &Path, samples: &[Sample], nofile: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let t_max = samples.iter().map(|s| s.t).max().unwrap_or(1).max(1) as f64;
+    let y_max = nofile as f64 * 1.15;
+    let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Open fds and CLOSE_WAIT sockets under RLIMIT_NOFILE={nofile}"),
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..t_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the load started")
+        .y_desc("count")
+        .draw()?;
+    let series: [Series; 4] = [
+        ("leaky", "leaky: open fds", |s| s.fds, RGBColor(200, 30, 30)),
+        (
+            "leaky",
+            "leaky: CLOSE_WAIT sockets",
+            |s| s.close_wait,
+            RGBColor(240, 150, 40),
+        ),
+        (
+            "correct",
+            "correct: open fds",
+            |s| s.fds,
+            RGBColor(30, 80, 200),
+        ),
+        (
+            "correct",
+            "correct: CLOSE_WAIT sockets",
+            |s| s.close_wait,
+            RGBColor(40, 170, 90),
+        ),
+    ];
+    for (variant, label, value, color) in series {
+        let points: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|s| s.variant == variant)
+            .map(|s| (s.t as f64, value(s) as f64))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .draw_series(LineSeries::new(
+            vec![(0.0, nofile as f64), (t_max, nofile as f64)],
+            BLACK.stroke_width(1),
+        ))?
+        .label(format!("RLIMIT_NOFILE = {nofile}"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(t: u64, close_wait: usize, accept_failing: bool) -> Sample {
+        Sample {
+            t,
+            variant: "leaky",
+            fds: 10 + close_wait,
+            close_wait,
+            ok: t * 100,
+            failed: 0,
+            connect_failed: 0,
+            sessions: t * 3,
+            p50_us: 50,
+            p99_us: 90,
+            accept_failing,
+        }
+    }
+
+    #[test]
+    fn csv_rows_match_the_header() {
+        let row = csv_row(&sample(3, 7, true));
+        assert_eq!(row, "3,leaky,17,7,300,0,0,9,50,90,1");
+        assert_eq!(row.split(',').count(), CSV_HEADER.split(',').count());
+    }
+
+    #[test]
+    fn summary_finds_peaks_the_first_emfile_and_the_longest_close_wait_run() {
+        let samples = [
+            sample(1, 0, false),
+            sample(2, 4, false),
+            sample(3, 9, true),
+            sample(4, 0, true),
+            sample(5, 2, true),
+        ];
+        let refs: Vec<&Sample> = samples.iter().collect();
+        let s = summarise("leaky", &refs, 1, 2);
+        assert_eq!((s.peak_close_wait, s.peak_fds), (9, 19));
+        assert_eq!(s.first_emfile_s, Some(3));
+        assert_eq!(s.longest_close_wait_run, 2);
+        assert!(table(&[s]).contains("after 3 s"));
+    }
+}

@@ -1,0 +1,117 @@
+//! The demo must demonstrate: in a short comparison the leaky variant reaches its fd limit
+//! with CLOSE_WAIT sockets, and the correct server never holds one.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn loadtest(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(args)
+        .output()
+        .expect("run loadtest")
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn short_compare_shows_the_leak_and_the_fix() {
+    let out = out_dir("compare");
+    let run = loadtest(&[
+        "compare",
+        "--duration",
+        "5",
+        "--nofile",
+        "128",
+        "--clients",
+        "32",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "compare failed:\n{stderr}");
+    let csv = std::fs::read_to_string(out.join("samples.csv")).expect("samples.csv");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let rows: Vec<HashMap<&str, &str>> = lines
+        .map(|l| header.iter().copied().zip(l.split(',')).collect())
+        .collect();
+    let column = |variant: &str, name: &str| -> Vec<u64> {
+        rows.iter()
+            .filter(|r| r["variant"] == variant)
+            .map(|r| r[name].parse().unwrap())
+            .collect()
+    };
+    let leaky_fds = column("leaky", "fds");
+    let leaky_close_wait = column("leaky", "close_wait");
+    assert!(
+        leaky_fds.iter().max().unwrap() >= &120,
+        "leaky never reached the limit of 128: {leaky_fds:?}"
+    );
+    assert!(
+        leaky_close_wait.iter().max().unwrap() >= &60,
+        "leaky CLOSE_WAIT: {leaky_close_wait:?}"
+    );
+    assert!(
+        column("leaky", "accept_failing").contains(&1),
+        "leaky never logged Too many open files"
+    );
+    let correct_fds = column("correct", "fds");
+    assert!(
+        correct_fds.iter().max().unwrap() < &64,
+        "correct fds: {correct_fds:?}"
+    );
+    let correct_close_wait = column("correct", "close_wait");
+    assert!(
+        correct_close_wait
+            .windows(2)
+            .all(|w| w[0] == 0 || w[1] == 0),
+        "lingering CLOSE_WAIT: {correct_close_wait:?}"
+    );
+    assert_eq!(column("correct", "requests_failed").last(), Some(&0));
+    assert!(
+        column("correct", "peer_closes").last().unwrap() > &50,
+        "too few peer closes to prove anything"
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(
+        report.contains("Verdict: **pass**") && report.contains("fds.svg"),
+        "{report}"
+    );
+    let svg = std::fs::read_to_string(out.join("fds.svg")).expect("fds.svg");
+    assert!(svg.contains("<svg") && svg.contains("RLIMIT_NOFILE = 128"));
+}
+
+#[test]
+fn watch_prints_fds_close_wait_and_the_limit_of_a_live_process() {
+    let pid = std::process::id().to_string();
+    let run = loadtest(&["watch", "--pid", &pid, "--interval", "50", "--count", "2"]);
+    assert!(run.status.success());
+    let text = String::from_utf8(run.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "header and two samples:\n{text}");
+    assert!(
+        lines[0].contains("fds") && lines[0].contains("close_wait") && lines[0].contains("nofile")
+    );
+    let soft = closewait::procfs::nofile_limit(std::process::id())
+        .unwrap()
+        .0
+        .unwrap();
+    for line in &lines[1..] {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols.len(), 4, "{line}");
+        assert!(cols[1].parse::<usize>().unwrap() > 2, "{line}");
+        assert_eq!(cols[3], soft.to_string());
+    }
+}
+
+#[test]
+fn watch_fails_clearly_for_a_process_that_does_not_exist() {
+    let run = loadtest(&["watch", "--pid", "4000000", "--count", "1"]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("cannot read /proc/4000000"));
+}
