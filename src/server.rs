@@ -324,6 +324,8 @@ struct Worker<S> {
     drain_deadline: Option<Instant>,
     warn: Throttle,
     state_log: Throttle,
+    emfile_log: Throttle,
+    recovery_log: Throttle,
     when_full: WhenFull,
     max_frame: usize,
     max_pending_output: usize,
@@ -364,6 +366,8 @@ impl<S: Service> Worker<S> {
             drain_deadline: None,
             warn: Throttle::default(),
             state_log: Throttle::new(1, STATE_LOG_INTERVAL),
+            emfile_log: Throttle::new(1, STATE_LOG_INTERVAL),
+            recovery_log: Throttle::new(1, STATE_LOG_INTERVAL),
             when_full: config.when_full,
             max_frame: config.max_frame,
             max_pending_output: config.max_pending_output,
@@ -548,9 +552,12 @@ impl<S: Service> Worker<S> {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     if let Transition::Recovered(failures) = self.gate.accepted() {
-                        log::info!(
-                            "accepting again after {failures} failed accept(s) for lack of fds"
-                        );
+                        if self.recovery_log.allow() {
+                            log::info!(
+                                "accepting again after {failures} failed accept(s) for lack of fds{}",
+                                self.recovery_log.suppressed_note()
+                            );
+                        }
                     }
                     self.shared.stats.add(Counter::Accepted, 1);
                     if self.registry.len() >= self.cap {
@@ -588,15 +595,18 @@ impl<S: Service> Worker<S> {
         }
         let open = self.registry.len();
         let limit = self.shared.stats.get(Counter::FdLimit);
+        // At the limit, every close frees one fd that the next accept takes, so fds can flap
+        // between "failing" and "recovered" many times a second: both lines are throttled.
         match self.gate.exhausted(now) {
-            Transition::ExhaustedStart(delay) => log::warn!(
+            Transition::ExhaustedStart(delay) if self.emfile_log.allow() => log::warn!(
                 "accept failed: {e}; {open} connections open, fd limit {limit}; not accepting for \
-                 {delay:?} (open connections are still served; retrying when one closes)"
+                 {delay:?} (open connections are still served; retrying when one closes){}",
+                self.emfile_log.suppressed_note()
             ),
-            Transition::ExhaustedAgain(delay) if self.state_log.allow() => {
+            Transition::ExhaustedAgain(delay) if self.emfile_log.allow() => {
                 log::warn!(
                     "accept still failing: {e}; next retry in {delay:?}{}",
-                    self.state_log.suppressed_note()
+                    self.emfile_log.suppressed_note()
                 )
             }
             _ => {}
