@@ -1,0 +1,444 @@
+//! The load generator: one thread, mio, non-blocking sockets, edge-triggered, reads until
+//! WouldBlock into one scratch buffer. It is deliberately as lean as the server it measures:
+//! on this machine the generator has one core to the server's one, and a slow generator
+//! would hide the difference between servers.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use closewait::service::{ECHO, ECHO_REPLY, PING, PING_REPLY};
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use super::server::{cpu_seconds, own_cpu_seconds};
+
+/// A request/response load: `conns` persistent connections, `depth` requests in flight on
+/// each (1 = ping-pong), ECHO of `payload` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    /// Persistent connections.
+    pub conns: usize,
+    /// Requests in flight per connection.
+    pub depth: usize,
+    /// ECHO data bytes per request.
+    pub payload: usize,
+    /// Time before counting starts (connections up, caches warm).
+    pub warmup: Duration,
+    /// Counting window.
+    pub measure: Duration,
+}
+
+/// What one measurement window saw.
+pub struct Window {
+    /// Completed requests (or connections, for churn) in the window.
+    pub count: u64,
+    /// Window length in seconds (measured, not nominal).
+    pub secs: f64,
+    /// CPU seconds the server used in the window (utime + stime, all threads).
+    pub server_cpu: f64,
+    /// CPU seconds this generator used in the window.
+    pub gen_cpu: f64,
+}
+
+/// Tracks the warm-up/measure boundary and the CPU counters at both ends.
+struct Clock {
+    pid: u32,
+    begin: Instant,
+    end: Instant,
+    started: Option<(Instant, f64, f64)>,
+}
+
+impl Clock {
+    fn new(pid: u32, warmup: Duration, measure: Duration) -> Clock {
+        let now = Instant::now();
+        Clock {
+            pid,
+            begin: now + warmup,
+            end: now + warmup + measure,
+            started: None,
+        }
+    }
+
+    /// Called after every poll: returns Ok(true) at the moment counting starts.
+    fn tick(&mut self, now: Instant) -> io::Result<bool> {
+        if self.started.is_none() && now >= self.begin {
+            self.started = Some((now, cpu_seconds(self.pid)?, own_cpu_seconds()?));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn done(&self, now: Instant) -> bool {
+        now >= self.end
+    }
+
+    /// Poll timeout: until the next boundary.
+    fn timeout(&self, now: Instant) -> Duration {
+        let next = if self.started.is_none() {
+            self.begin
+        } else {
+            self.end
+        };
+        next.saturating_duration_since(now)
+    }
+
+    fn finish(&self, count: u64) -> io::Result<Window> {
+        let now = Instant::now();
+        let (t0, s0, g0) = self
+            .started
+            .ok_or_else(|| io::Error::other("the window never started"))?;
+        Ok(Window {
+            count,
+            secs: now.duration_since(t0).as_secs_f64(),
+            server_cpu: cpu_seconds(self.pid)? - s0,
+            gen_cpu: own_cpu_seconds()? - g0,
+        })
+    }
+}
+
+/// One persistent connection of a request/response load.
+struct Conn {
+    stream: TcpStream,
+    /// A partial reply frame carried over between reads.
+    partial: Vec<u8>,
+    /// Request bytes the socket did not take yet.
+    out: Vec<u8>,
+    /// Send times of the requests in flight (ping-pong only; empty when not timing).
+    sent: VecDeque<Instant>,
+}
+
+fn frame(op: u8, data: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(5 + data.len());
+    f.extend_from_slice(&(data.len() as u32 + 1).to_be_bytes());
+    f.push(op);
+    f.extend_from_slice(data);
+    f
+}
+
+/// Write `bytes` (after anything already queued); queue what the socket does not take.
+fn send(conn: &mut Conn, bytes: &[u8]) -> io::Result<()> {
+    if conn.out.is_empty() {
+        let mut done = 0;
+        while done < bytes.len() {
+            match conn.stream.write(&bytes[done..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        conn.out.extend_from_slice(&bytes[done..]);
+        Ok(())
+    } else {
+        conn.out.extend_from_slice(bytes);
+        flush(conn)
+    }
+}
+
+fn flush(conn: &mut Conn) -> io::Result<()> {
+    while !conn.out.is_empty() {
+        match conn.stream.write(&conn.out) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                conn.out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Count the complete ECHO replies at the front of `buf`; returns (replies, bytes used).
+fn parse_replies(buf: &[u8], payload: usize) -> io::Result<(usize, usize)> {
+    let mut at = 0;
+    let mut replies = 0;
+    while buf.len() - at >= 4 {
+        let len = u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+        if buf.len() - at - 4 < len {
+            break;
+        }
+        if len != payload + 1 || buf[at + 4] != ECHO_REPLY {
+            return Err(io::Error::other(format!(
+                "unexpected reply: length {len}, op {:#04x}",
+                buf.get(at + 4).copied().unwrap_or(0)
+            )));
+        }
+        at += 4 + len;
+        replies += 1;
+    }
+    Ok((replies, at))
+}
+
+/// Result of [`request_load`].
+pub struct LoadResult {
+    /// The measurement window.
+    pub window: Window,
+    /// Round-trip times in µs (ping-pong only: depth 1).
+    pub rtt: Option<Histogram<u64>>,
+}
+
+/// Run a request/response load against `addr` (server `pid`) and measure one window.
+pub fn request_load(addr: SocketAddr, pid: u32, load: Load) -> io::Result<LoadResult> {
+    let timing = load.depth == 1;
+    let request = frame(ECHO, &vec![b'x'; load.payload]);
+    let burst: Vec<u8> = request.repeat(load.depth);
+    let mut poll = Poll::new()?;
+    let mut conns = Vec::with_capacity(load.conns);
+    for i in 0..load.conns {
+        let std = std::net::TcpStream::connect(addr)?;
+        std.set_nodelay(true)?;
+        std.set_nonblocking(true)?;
+        let mut stream = TcpStream::from_std(std);
+        poll.registry().register(
+            &mut stream,
+            Token(i),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        conns.push(Conn {
+            stream,
+            partial: Vec::new(),
+            out: Vec::new(),
+            sent: VecDeque::with_capacity(load.depth),
+        });
+    }
+    let mut rtt = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| io::Error::other(format!("histogram: {e}")))?;
+    let mut clock = Clock::new(pid, load.warmup, load.measure);
+    let start = Instant::now();
+    for conn in &mut conns {
+        if timing {
+            conn.sent.push_back(start);
+        }
+        send(conn, &burst)?;
+    }
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut events = Events::with_capacity(1024);
+    let mut count = 0u64;
+    loop {
+        let now = Instant::now();
+        if clock.tick(now)? {
+            count = 0;
+            rtt.reset();
+        }
+        if clock.done(now) {
+            break;
+        }
+        match poll.poll(&mut events, Some(clock.timeout(now))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for event in events.iter() {
+            let Some(conn) = conns.get_mut(event.token().0) else {
+                continue;
+            };
+            if event.is_writable() {
+                flush(conn)?;
+            }
+            if !event.is_readable() {
+                continue;
+            }
+            let mut replies = 0usize;
+            loop {
+                let n = match conn.stream.read(&mut scratch) {
+                    Ok(0) => return Err(io::Error::other("the server closed a connection")),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                if conn.partial.is_empty() {
+                    // Fast path: parse straight from the scratch buffer.
+                    let (r, used) = parse_replies(&scratch[..n], load.payload)?;
+                    replies += r;
+                    conn.partial.extend_from_slice(&scratch[used..n]);
+                } else {
+                    conn.partial.extend_from_slice(&scratch[..n]);
+                    let (r, used) = parse_replies(&conn.partial, load.payload)?;
+                    replies += r;
+                    conn.partial.drain(..used);
+                }
+            }
+            if replies == 0 {
+                continue;
+            }
+            count += replies as u64;
+            let now = Instant::now();
+            if timing {
+                for _ in 0..replies {
+                    if let Some(sent) = conn.sent.pop_front() {
+                        let us = now.duration_since(sent).as_micros().max(1) as u64;
+                        rtt.saturating_record(us);
+                    }
+                }
+                for _ in 0..replies {
+                    conn.sent.push_back(now);
+                }
+            }
+            // Keep `depth` in flight: one new request per reply, in one write.
+            let mut left = replies * request.len();
+            while left > 0 {
+                let chunk = left.min(burst.len());
+                send(conn, &burst[..chunk])?;
+                left -= chunk;
+            }
+        }
+    }
+    let window = clock.finish(count)?;
+    Ok(LoadResult {
+        window,
+        rtt: timing.then_some(rtt),
+    })
+}
+
+/// What [`churn`] saw.
+pub struct ChurnResult {
+    /// Connections completed (connect, PING, PONG, close) in the window.
+    pub window: Window,
+    /// Connects or exchanges that failed (not counted).
+    pub errors: u64,
+}
+
+enum ChurnState {
+    Connecting,
+    Sent(usize),
+}
+
+struct ChurnConn {
+    stream: TcpStream,
+    state: ChurnState,
+}
+
+fn open(poll: &Poll, addr: SocketAddr, slot: usize) -> io::Result<ChurnConn> {
+    let mut stream = TcpStream::connect(addr)?;
+    poll.registry().register(
+        &mut stream,
+        Token(slot),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    Ok(ChurnConn {
+        stream,
+        state: ChurnState::Connecting,
+    })
+}
+
+/// Connect, one PING, close, as fast as possible with `in_flight` connections at a time.
+pub fn churn(
+    addr: SocketAddr,
+    pid: u32,
+    in_flight: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> io::Result<ChurnResult> {
+    let ping = frame(PING, &[]);
+    let mut poll = Poll::new()?;
+    let mut slots: Vec<Option<ChurnConn>> = Vec::with_capacity(in_flight);
+    let mut errors = 0u64;
+    for slot in 0..in_flight {
+        match open(&poll, addr, slot) {
+            Ok(c) => slots.push(Some(c)),
+            Err(_) => {
+                errors += 1;
+                slots.push(None);
+            }
+        }
+    }
+    let mut clock = Clock::new(pid, warmup, measure);
+    let mut events = Events::with_capacity(1024);
+    let mut count = 0u64;
+    let mut buf = [0u8; 64];
+    loop {
+        let now = Instant::now();
+        if clock.tick(now)? {
+            count = 0;
+            errors = 0;
+        }
+        if clock.done(now) {
+            break;
+        }
+        // Slots whose connect failed (e.g. no ephemeral port yet): retry, pausing briefly.
+        let mut empty = false;
+        for (slot, entry) in slots.iter_mut().enumerate() {
+            if entry.is_none() {
+                match open(&poll, addr, slot) {
+                    Ok(c) => *entry = Some(c),
+                    Err(_) => {
+                        errors += 1;
+                        empty = true;
+                    }
+                }
+            }
+        }
+        let timeout = if empty {
+            clock.timeout(now).min(Duration::from_millis(1))
+        } else {
+            clock.timeout(now)
+        };
+        match poll.poll(&mut events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for event in events.iter() {
+            let slot = event.token().0;
+            let Some(Some(conn)) = slots.get_mut(slot) else {
+                continue;
+            };
+            // Ok(true): finished; Ok(false): not yet; Err: failed.
+            let outcome: io::Result<bool> = (|| {
+                if let ChurnState::Connecting = conn.state {
+                    if let Some(e) = conn.stream.take_error()? {
+                        return Err(e);
+                    }
+                    match conn.stream.peer_addr() {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(false),
+                        Err(e) => return Err(e),
+                    }
+                    // An empty socket buffer takes 5 bytes whole.
+                    if conn.stream.write(&ping)? != ping.len() {
+                        return Err(io::Error::other("short write of a PING"));
+                    }
+                    conn.state = ChurnState::Sent(0);
+                }
+                if let ChurnState::Sent(got) = &mut conn.state {
+                    loop {
+                        match conn.stream.read(&mut buf[*got..]) {
+                            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                            Ok(n) => *got += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                        if *got >= 5 {
+                            if buf[..5] != [0, 0, 0, 1, PING_REPLY] {
+                                return Err(io::Error::other("unexpected reply to PING"));
+                            }
+                            return Ok(true);
+                        }
+                    }
+                }
+                Ok(false)
+            })();
+            match outcome {
+                Ok(false) => continue,
+                Ok(true) => count += 1,
+                Err(_) => errors += 1,
+            }
+            // Close (drop: close(2), a FIN) and start the next connection in this slot.
+            slots[slot] = None;
+            match open(&poll, addr, slot) {
+                Ok(c) => slots[slot] = Some(c),
+                Err(_) => errors += 1,
+            }
+        }
+    }
+    let window = clock.finish(count)?;
+    Ok(ChurnResult { window, errors })
+}

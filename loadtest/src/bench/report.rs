@@ -1,0 +1,279 @@
+//! bench.md (medians and ratios, setup, machine) and bench.csv (every measurement).
+
+use std::fmt::Write as _;
+
+use super::server::Kind;
+use super::Figure;
+
+/// One server, one run, one figure.
+pub struct Row {
+    /// 1-based run number.
+    pub run: u32,
+    /// The server measured.
+    pub server: Kind,
+    /// The figure measured.
+    pub figure: Figure,
+    /// `(column, value)` pairs; columns are those of [`COLUMNS`].
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+impl Row {
+    fn get(&self, key: &str) -> Option<f64> {
+        self.metrics
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|&(_, v)| v)
+    }
+
+    /// One line for the progress log.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "run {} {:<14} {:<11}",
+            self.run,
+            self.server.name(),
+            self.figure.name()
+        );
+        for (k, v) in &self.metrics {
+            let _ = write!(s, " {k}={}", fmt_value(*v));
+        }
+        s
+    }
+}
+
+/// Every CSV column after `run,server,figure`, in order.
+pub const COLUMNS: &[&str] = &[
+    "req_per_s",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "req_per_server_cpu_s",
+    "conns_per_s",
+    "conns_per_server_cpu_s",
+    "server_cpu_cores",
+    "gen_cpu_cores",
+    "window_s",
+    "bytes_per_conn",
+    "bytes_per_conn_after_ping",
+    "close_ms",
+    "poll_ms",
+    "fd_reads",
+    "close_wait",
+    "close_wait_checked_ms",
+    "errors",
+    "fd_start",
+    "fd_end",
+];
+
+/// What the table shows: figure, column, label.
+const TABLE: &[(Figure, &str, &str)] = &[
+    (
+        Figure::PingPong,
+        "req_per_s",
+        "requests/s (higher is better)",
+    ),
+    (Figure::PingPong, "p50_us", "RTT p50, µs"),
+    (Figure::PingPong, "p99_us", "RTT p99, µs"),
+    (Figure::PingPong, "p999_us", "RTT p99.9, µs"),
+    (
+        Figure::PingPong,
+        "server_cpu_cores",
+        "server CPU, cores busy",
+    ),
+    (
+        Figure::PingPong,
+        "req_per_server_cpu_s",
+        "requests per server CPU-second (higher is better)",
+    ),
+    (
+        Figure::PingPong,
+        "gen_cpu_cores",
+        "generator CPU, cores busy",
+    ),
+    (
+        Figure::Pipelined,
+        "req_per_s",
+        "requests/s (higher is better)",
+    ),
+    (
+        Figure::Pipelined,
+        "server_cpu_cores",
+        "server CPU, cores busy",
+    ),
+    (
+        Figure::Pipelined,
+        "req_per_server_cpu_s",
+        "requests per server CPU-second (higher is better)",
+    ),
+    (
+        Figure::Pipelined,
+        "gen_cpu_cores",
+        "generator CPU, cores busy",
+    ),
+    (
+        Figure::IdleMemory,
+        "bytes_per_conn",
+        "RSS per idle connection, bytes (lower is better)",
+    ),
+    (
+        Figure::IdleMemory,
+        "bytes_per_conn_after_ping",
+        "RSS per connection after one PING each, bytes",
+    ),
+    (
+        Figure::CloseStorm,
+        "close_ms",
+        "last close() → server fds down, ms (lower is better)",
+    ),
+    (
+        Figure::CloseStorm,
+        "poll_ms",
+        "resolution: one read of /proc/PID/fd, ms",
+    ),
+    (
+        Figure::CloseStorm,
+        "close_wait",
+        "server CLOSE_WAIT sockets at the check",
+    ),
+    (
+        Figure::Churn,
+        "conns_per_s",
+        "connections/s (higher is better)",
+    ),
+    (Figure::Churn, "server_cpu_cores", "server CPU, cores busy"),
+    (
+        Figure::Churn,
+        "conns_per_server_cpu_s",
+        "connections per server CPU-second",
+    ),
+    (Figure::Churn, "gen_cpu_cores", "generator CPU, cores busy"),
+    (Figure::Churn, "fd_start", "server fds before"),
+    (Figure::Churn, "fd_end", "server fds after (settled)"),
+];
+
+/// The machine the numbers come from.
+pub struct Machine {
+    nproc: usize,
+    kernel: String,
+    cpu: String,
+    pinning: String,
+}
+
+impl Machine {
+    /// Read what /proc says about this machine.
+    pub fn probe(nproc: usize, pinning: String) -> Machine {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".to_string(), |s| s.trim().to_string());
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".to_string());
+        Machine {
+            nproc,
+            kernel,
+            cpu,
+            pinning,
+        }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+fn fmt_value(v: f64) -> String {
+    if v.fract() == 0.0 || v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Median over runs of one column for one server and figure.
+fn median_of(rows: &[Row], figure: Figure, server: Kind, key: &str) -> Option<f64> {
+    median(
+        rows.iter()
+            .filter(|r| r.figure == figure && r.server == server)
+            .filter_map(|r| r.get(key))
+            .collect(),
+    )
+}
+
+/// Render bench.md and bench.csv.
+pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (String, String) {
+    let runs = rows.iter().map(|r| r.run).max().unwrap_or(0);
+    let mut md = String::new();
+    let _ = writeln!(md, "# closewait benchmark\n");
+    let _ = writeln!(md, "Command: `{command}`\n");
+    let _ = writeln!(
+        md,
+        "Machine: {} cpu(s), {}, Linux {}. Pinning: {}.\n",
+        machine.nproc, machine.cpu, machine.kernel, machine.pinning
+    );
+    let _ = writeln!(md, "Setup: {plan}.\n");
+    let _ = writeln!(
+        md,
+        "Medians over {runs} run(s); every figure against a freshly started server; loopback only. \
+         Ratios are closewait ÷ tokio-baseline (for times and bytes, below 1 is better).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| figure | metric | closewait | closewait-w2 | tokio-baseline | closewait ÷ tokio | closewait-w2 ÷ tokio |"
+    );
+    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|");
+    for &(figure, key, label) in TABLE {
+        let cells: Vec<Option<f64>> = Kind::ALL
+            .iter()
+            .map(|&k| median_of(rows, figure, k, key))
+            .collect();
+        let base = cells[2];
+        let ratio = |v: Option<f64>| match (v, base) {
+            (Some(v), Some(b)) if b != 0.0 => format!("{:.2}", v / b),
+            _ => "–".to_string(),
+        };
+        let show = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt_value);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            figure.name(),
+            label,
+            show(cells[0]),
+            show(cells[1]),
+            show(cells[2]),
+            ratio(cells[0]),
+            ratio(cells[1]),
+        );
+    }
+    let mut csv = String::from("run,server,figure");
+    for c in COLUMNS {
+        csv.push(',');
+        csv.push_str(c);
+    }
+    csv.push('\n');
+    for r in rows {
+        let _ = write!(csv, "{},{},{}", r.run, r.server.name(), r.figure.name());
+        for c in COLUMNS {
+            csv.push(',');
+            if let Some(v) = r.get(c) {
+                let _ = write!(csv, "{v}");
+            }
+        }
+        csv.push('\n');
+    }
+    (md, csv)
+}

@@ -1,0 +1,232 @@
+//! Starting, observing and stopping the servers under test, and pinning the generator.
+//!
+//! Each server is a child of this binary (re-executed as `serve` or `baseline-server`), started
+//! under `taskset -c 0` so it runs on cpu 0 while the generator runs on cpu 1. `taskset` execs
+//! the server, so the child's pid is the server's pid and `/proc/PID` describes the server.
+
+use std::io::{self, BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Which server to start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// closewait, one worker (the default).
+    Closewait,
+    /// closewait --workers 2.
+    Closewait2,
+    /// The tokio baseline (`loadtest baseline-server`).
+    Baseline,
+}
+
+impl Kind {
+    /// Every server, in the order a run visits them (rotated run by run).
+    pub const ALL: [Kind; 3] = [Kind::Closewait, Kind::Closewait2, Kind::Baseline];
+
+    /// Name used in the table and the CSV.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Closewait => "closewait",
+            Kind::Closewait2 => "closewait-w2",
+            Kind::Baseline => "tokio-baseline",
+        }
+    }
+}
+
+/// RLIMIT_NOFILE given to closewait: room for 10,000 connections plus its reserve.
+pub const SERVER_NOFILE: u64 = 12_000;
+
+/// A running server; stopped (SIGTERM, bounded wait, SIGKILL) when dropped.
+pub struct Server {
+    child: Child,
+    /// The server's pid (the same process `taskset` exec'd into).
+    pub pid: u32,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Start `kind` pinned to `cpu` (None: unpinned), stderr appended to `log`.
+    pub fn start(kind: Kind, cpu: Option<usize>, log: &Path) -> io::Result<Server> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpu.to_string()).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        match kind {
+            Kind::Closewait | Kind::Closewait2 => {
+                cmd.args(["serve", "--nofile", &SERVER_NOFILE.to_string(), "--"]);
+                cmd.args(["--listen", "127.0.0.1:0"]);
+                if kind == Kind::Closewait2 {
+                    cmd.args(["--workers", "2"]);
+                }
+            }
+            Kind::Baseline => {
+                cmd.args(["baseline-server", "--listen", "127.0.0.1:0"]);
+            }
+        }
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        // Warnings only: the servers must not pay for logging while they are measured.
+        cmd.env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        let Some(stdout) = child.stdout.take() else {
+            stop(&mut child);
+            return Err(io::Error::other("no stdout pipe"));
+        };
+        // Read the `listening on IP:PORT` line on a thread so a silent server cannot hang us;
+        // the thread keeps draining stdout until the server exits.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut tx = Some(tx);
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                stop(&mut child);
+                return Err(io::Error::other(format!(
+                    "{} printed no listening line within 10 s (see {})",
+                    kind.name(),
+                    log.display()
+                )));
+            }
+        };
+        let addr = match addr.parse() {
+            Ok(addr) => addr,
+            Err(e) => {
+                stop(&mut child);
+                return Err(io::Error::other(format!(
+                    "bad listening address {addr:?}: {e}"
+                )));
+            }
+        };
+        Ok(Server { child, pid, addr })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// SIGTERM, wait up to 5 s, then SIGKILL; always reaps the child.
+fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    send_sigterm(child.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Send SIGTERM to our own child `pid`.
+fn send_sigterm(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is a child we
+    // spawned and have not reaped yet, so it cannot name another process.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
+/// Pin the calling thread (the generator: this process is single-threaded while it loads) to
+/// `cpu`. Threads spawned afterwards inherit the mask.
+pub fn pin_self(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data, zeroed is a valid empty set; CPU_SET writes inside it
+    // (cpu is checked against its capacity first); sched_setaffinity only reads `set` for the
+    // size we pass. pid 0 means the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return Err(io::Error::other("cpu index out of range"));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Clock ticks per second, the unit of utime/stime in `/proc/PID/stat`.
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf(3) only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU seconds (user + system, all threads) that `pid` has used, from `/proc/PID/stat`.
+/// Resolution: one clock tick (10 ms with the usual USER_HZ of 100).
+pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
+    cpu_seconds_of(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds this process (the generator) has used.
+pub fn own_cpu_seconds() -> io::Result<f64> {
+    cpu_seconds_of("/proc/self/stat")
+}
+
+fn cpu_seconds_of(path: &str) -> io::Result<f64> {
+    let text = std::fs::read_to_string(path)?;
+    // The command name (field 2) is in parentheses and may contain spaces: split after it.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::other("malformed stat"))?;
+    // After ')': state is field 3, so utime (14) and stime (15) are at indexes 11 and 12.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let parse = |i: usize| -> io::Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|v| v as f64)
+            .ok_or_else(|| io::Error::other("malformed stat"))
+    };
+    Ok((parse(11)? + parse(12)?) / clock_ticks())
+}
+
+/// Resident set size of `pid` in bytes (`VmRSS` in `/proc/PID/status`).
+pub fn rss_bytes(pid: u32) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| io::Error::other("no VmRSS"))
+}
