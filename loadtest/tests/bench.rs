@@ -1,0 +1,55 @@
+//! `loadtest bench --quick` runs end to end: exit 0, bench.md and bench.csv written, rows for
+//! every server, and churn leaves each server's fd count where it started. No timing
+//! assertions: the numbers depend on the machine.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn quick_bench_writes_report_and_churn_leaks_no_fds() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-quick");
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["bench", "--quick", "--out"])
+        .arg(&out)
+        .status()
+        .expect("run loadtest bench");
+    assert!(status.success(), "loadtest bench --quick failed: {status}");
+
+    let md = std::fs::read_to_string(out.join("bench.md")).expect("bench.md");
+    assert!(md.contains("| ping-pong |"), "{md}");
+    let csv = std::fs::read_to_string(out.join("bench.csv")).expect("bench.csv");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("csv header").split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|c| *c == name)
+            .unwrap_or_else(|| panic!("no column {name} in {header:?}"))
+    };
+    let (server, figure, fd_start, fd_end) =
+        (col("server"), col("figure"), col("fd_start"), col("fd_end"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    for name in ["closewait", "closewait-w2", "tokio-baseline"] {
+        for fig in [
+            "ping-pong",
+            "pipelined",
+            "idle-memory",
+            "close-storm",
+            "churn",
+        ] {
+            assert!(
+                rows.iter().any(|r| r[server] == name && r[figure] == fig),
+                "no {fig} row for {name} in\n{csv}"
+            );
+        }
+    }
+    for r in rows.iter().filter(|r| r[figure] == "churn") {
+        assert!(!r[fd_start].is_empty(), "churn row without fd_start: {r:?}");
+        assert_eq!(
+            r[fd_start], r[fd_end],
+            "{}: churn left the fd count at {} (started at {})",
+            r[server], r[fd_end], r[fd_start]
+        );
+    }
+}
