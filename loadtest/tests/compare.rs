@@ -87,9 +87,55 @@ fn short_compare_shows_the_leak_and_the_fix() {
 }
 
 #[test]
-fn watch_prints_fds_close_wait_and_the_limit_of_a_live_process() {
-    let pid = std::process::id().to_string();
-    let run = loadtest(&["watch", "--pid", &pid, "--interval", "50", "--count", "2"]);
+fn watch_prints_fds_close_wait_and_the_limit_of_a_live_server() {
+    // A real closewait (leaky, so a peer close shows up as CLOSE_WAIT) under nofile 256.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args([
+            "serve",
+            "--nofile",
+            "256",
+            "--",
+            "--listen",
+            "127.0.0.1:0",
+            "--leaky",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start loadtest serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .parse()
+        .unwrap();
+    let pid = server.id();
+    for _ in 0..3 {
+        drop(std::net::TcpStream::connect(addr).unwrap()); // three peer closes the leaky server ignores
+    }
+    let settled = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while closewait::procfs::close_wait_sockets(pid).unwrap() < 3
+        && std::time::Instant::now() < settled
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let run = loadtest(&[
+        "watch",
+        "--pid",
+        &pid.to_string(),
+        "--interval",
+        "50",
+        "--count",
+        "2",
+    ]);
+    let _ = server.kill();
+    let _ = server.wait();
     assert!(run.status.success());
     let text = String::from_utf8(run.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -97,15 +143,12 @@ fn watch_prints_fds_close_wait_and_the_limit_of_a_live_process() {
     assert!(
         lines[0].contains("fds") && lines[0].contains("close_wait") && lines[0].contains("nofile")
     );
-    let soft = closewait::procfs::nofile_limit(std::process::id())
-        .unwrap()
-        .0
-        .unwrap();
     for line in &lines[1..] {
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols.len(), 4, "{line}");
-        assert!(cols[1].parse::<usize>().unwrap() > 2, "{line}");
-        assert_eq!(cols[3], soft.to_string());
+        assert!(cols[1].parse::<usize>().unwrap() >= 3 + 3, "{line}");
+        assert_eq!(cols[2], "3", "{line}");
+        assert_eq!(cols[3], "256", "{line}");
     }
 }
 
