@@ -16,6 +16,9 @@ pub const TCP_ESTABLISHED: u8 = 0x01;
 /// Kernel TCP state code for LISTEN.
 pub const TCP_LISTEN: u8 = 0x0A;
 
+/// The `tr` value of a socket whose keepalive timer is armed (`ss -o` shows `keepalive`).
+pub const TIMER_KEEPALIVE: u8 = 2;
+
 /// One row of `/proc/net/tcp` or `/proc/net/tcp6`: the socket's state, queues and inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpRow {
@@ -27,6 +30,9 @@ pub struct TcpRow {
     /// Bytes received but not yet read by the owner (`ss` Recv-Q). On a CLOSE_WAIT socket it
     /// is 1 while the FIN itself is unread, 0 once the owner read the EOF but never closed.
     pub rx_queue: u64,
+    /// Which kernel timer runs on the socket (`tr`): 0 none, 1 retransmit, 2 keepalive
+    /// ([`TIMER_KEEPALIVE`]), 3 TIME_WAIT, 4 zero-window probe.
+    pub timer: u8,
     /// Socket inode; matches `socket:[INODE]` in `/proc/PID/fd/*` links.
     pub inode: u64,
 }
@@ -43,11 +49,13 @@ pub fn parse_tcp_table(text: &str) -> Vec<TcpRow> {
             let (tx, rx) = cols.get(4)?.split_once(':')?;
             let tx_queue = u64::from_str_radix(tx, 16).ok()?;
             let rx_queue = u64::from_str_radix(rx, 16).ok()?;
+            let timer = u8::from_str_radix(cols.get(5)?.split_once(':')?.0, 16).ok()?;
             let inode = cols.get(9)?.parse().ok()?;
             Some(TcpRow {
                 state,
                 tx_queue,
                 rx_queue,
+                timer,
                 inode,
             })
         })
@@ -145,18 +153,19 @@ mod tests {
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1EC6 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41817 1 0000000000000000 100 0 0 10 0
    1: 0100007F:1EC6 0100007F:D3F2 08 00000000:00000001 00:00000000 00000000     0        0 41820 1 0000000000000000 20 4 30 10 -1
-   2: 0100007F:D3F4 0100007F:1EC6 01 0000002A:00000000 00:00000000 00000000     0        0 41822 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:D3F4 0100007F:1EC6 01 0000002A:00000000 02:00000F9C 00000000     0        0 41822 1 0000000000000000 20 4 30 10 -1
 ";
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:1EC6 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 52001 1 0000000000000000 100 0 0 10 0
    1: 00000000000000000000000001000000:1EC6 00000000000000000000000001000000:A1B2 08 00000000:00000001 00:00000000 00000000     0        0 52007 1 0000000000000000 20 4 30 10 -1
 ";
 
-    fn row(state: u8, tx_queue: u64, rx_queue: u64, inode: u64) -> TcpRow {
+    fn row(state: u8, tx_queue: u64, rx_queue: u64, timer: u8, inode: u64) -> TcpRow {
         TcpRow {
             state,
             tx_queue,
             rx_queue,
+            timer,
             inode,
         }
     }
@@ -167,9 +176,9 @@ mod tests {
         assert_eq!(
             rows,
             vec![
-                row(TCP_LISTEN, 0, 0, 41817),
-                row(TCP_CLOSE_WAIT, 0, 1, 41820),
-                row(TCP_ESTABLISHED, 0x2a, 0, 41822)
+                row(TCP_LISTEN, 0, 0, 0, 41817),
+                row(TCP_CLOSE_WAIT, 0, 1, 0, 41820),
+                row(TCP_ESTABLISHED, 0x2a, 0, TIMER_KEEPALIVE, 41822)
             ]
         );
     }
@@ -180,8 +189,8 @@ mod tests {
         assert_eq!(
             rows,
             vec![
-                row(TCP_LISTEN, 0, 0, 52001),
-                row(TCP_CLOSE_WAIT, 0, 1, 52007)
+                row(TCP_LISTEN, 0, 0, 0, 52001),
+                row(TCP_CLOSE_WAIT, 0, 1, 0, 52007)
             ]
         );
     }
