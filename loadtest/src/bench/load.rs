@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::server::{cpu_seconds, own_cpu_seconds};
+use super::server::{cpu_seconds, machine_busy_seconds, own_cpu_seconds};
 
 /// A request/response load: `conns` persistent connections, `depth` requests in flight on
 /// each (1 = ping-pong), ECHO of `payload` bytes.
@@ -41,6 +41,9 @@ pub struct Window {
     pub server_cpu: f64,
     /// CPU seconds this generator used in the window.
     pub gen_cpu: f64,
+    /// Busy CPU seconds of the whole machine in the window that neither the server nor the
+    /// generator was charged for (other processes, separately accounted irq time, steal).
+    pub other_cpu: f64,
 }
 
 /// Tracks the warm-up/measure boundary and the CPU counters at both ends.
@@ -48,7 +51,7 @@ struct Clock {
     pid: u32,
     begin: Instant,
     end: Instant,
-    started: Option<(Instant, f64, f64)>,
+    started: Option<(Instant, f64, f64, f64)>,
 }
 
 impl Clock {
@@ -65,7 +68,12 @@ impl Clock {
     /// Called after every poll: returns Ok(true) at the moment counting starts.
     fn tick(&mut self, now: Instant) -> io::Result<bool> {
         if self.started.is_none() && now >= self.begin {
-            self.started = Some((now, cpu_seconds(self.pid)?, own_cpu_seconds()?));
+            self.started = Some((
+                now,
+                cpu_seconds(self.pid)?,
+                own_cpu_seconds()?,
+                machine_busy_seconds()?,
+            ));
             return Ok(true);
         }
         Ok(false)
@@ -87,14 +95,18 @@ impl Clock {
 
     fn finish(&self, count: u64) -> io::Result<Window> {
         let now = Instant::now();
-        let (t0, s0, g0) = self
+        let (t0, s0, g0, b0) = self
             .started
             .ok_or_else(|| io::Error::other("the window never started"))?;
+        let server_cpu = cpu_seconds(self.pid)? - s0;
+        let gen_cpu = own_cpu_seconds()? - g0;
+        let busy = machine_busy_seconds()? - b0;
         Ok(Window {
             count,
             secs: now.duration_since(t0).as_secs_f64(),
-            server_cpu: cpu_seconds(self.pid)? - s0,
-            gen_cpu: own_cpu_seconds()? - g0,
+            server_cpu,
+            gen_cpu,
+            other_cpu: (busy - server_cpu - gen_cpu).max(0.0),
         })
     }
 }

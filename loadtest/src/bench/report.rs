@@ -51,6 +51,7 @@ pub const COLUMNS: &[&str] = &[
     "conns_per_server_cpu_s",
     "server_cpu_cores",
     "gen_cpu_cores",
+    "other_cpu_cores",
     "window_s",
     "bytes_per_conn",
     "bytes_per_conn_after_ping",
@@ -146,6 +147,11 @@ const TABLE: &[(Figure, &str, &str)] = &[
         "connections per server CPU-second",
     ),
     (Figure::Churn, "gen_cpu_cores", "generator CPU, cores busy"),
+    (
+        Figure::Churn,
+        "other_cpu_cores",
+        "other CPU (not server or generator), cores busy",
+    ),
     (Figure::Churn, "fd_start", "server fds before"),
     (Figure::Churn, "fd_end", "server fds after (settled)"),
 ];
@@ -231,6 +237,26 @@ pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (St
         "Medians over {runs} run(s); every figure against a freshly started server; loopback only. \
          Ratios are closewait ÷ tokio-baseline (for times and bytes, below 1 is better).\n"
     );
+    let noisy: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get("other_cpu_cores").is_some_and(|v| v > 0.2))
+        .map(|r| format!("run {} {} {}", r.run, r.server.name(), r.figure.name()))
+        .collect();
+    if noisy.is_empty() {
+        let _ = writeln!(
+            md,
+            "Quiet machine: in every timed window, CPU not charged to the server or the generator \
+             stayed under 0.2 cores.\n"
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "**Not a quiet machine**: more than 0.2 cores of other CPU in {} window(s) ({}); \
+             those numbers are skewed.\n",
+            noisy.len(),
+            noisy.join(", ")
+        );
+    }
     let _ = writeln!(
         md,
         "| figure | metric | closewait | closewait-w2 | tokio-baseline | closewait ÷ tokio | closewait-w2 ÷ tokio |"

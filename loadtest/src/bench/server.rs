@@ -230,3 +230,38 @@ pub fn rss_bytes(pid: u32) -> io::Result<u64> {
         .map(|kb| kb * 1024)
         .ok_or_else(|| io::Error::other("no VmRSS"))
 }
+
+/// CPU seconds all cpus spent busy since boot (user, nice, system, irq, softirq, steal), from
+/// the `cpu` line of `/proc/stat`. Minus the server's and the generator's own CPU time over a
+/// window, what remains is work neither was charged for: other processes, interrupt time
+/// accounted apart from tasks, and time the hypervisor stole.
+pub fn machine_busy_seconds() -> io::Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| io::Error::other("no cpu line in /proc/stat"))?;
+    // cpu user nice system idle iowait irq softirq steal guest guest_nice
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    Ok(busy as f64 / clock_ticks())
+}
+
+/// Wait, at most `limit`, until the machine is quiet: less than `cores` cpus busy over a
+/// 200 ms sample. Returns how long it waited and the last busy figure.
+pub fn wait_quiet(cores: f64, limit: std::time::Duration) -> io::Result<(Duration, f64)> {
+    let start = Instant::now();
+    loop {
+        let b0 = machine_busy_seconds()?;
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        let busy = (machine_busy_seconds()? - b0) / t0.elapsed().as_secs_f64();
+        if busy < cores || start.elapsed() >= limit {
+            return Ok((start.elapsed(), busy));
+        }
+    }
+}
