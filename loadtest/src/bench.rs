@@ -252,6 +252,7 @@ fn measure(
         Figure::CloseStorm => {
             let r = held::close_storm(addr, pid, plan.storm_held, plan.storm_closed)?;
             m.push(("close_ms", r.close_ms));
+            m.push(("fd_ms", r.fd_ms));
             m.push(("poll_ms", r.poll_ms));
             m.push(("fd_reads", f64::from(r.reads)));
             m.push(("close_wait", r.close_wait as f64));

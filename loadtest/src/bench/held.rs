@@ -76,12 +76,17 @@ pub fn idle_memory(addr: SocketAddr, pid: u32, n: usize) -> io::Result<Idle> {
 
 /// Close storm result.
 pub struct Storm {
-    /// Time from the last close() until the server's fd count was seen down by `closed`.
+    /// Time from the last FIN the client sent until it had received the server's FIN on all
+    /// of the closed connections: the server had closed every one of them. Resolution: one
+    /// epoll wake-up on the client (microseconds).
     pub close_ms: f64,
-    /// Time one read of `/proc/PID/fd` takes with all connections held: the resolution
-    /// (the drop happened at most one read before it was seen).
+    /// Time from the last FIN until a read of `/proc/PID/fd` (started after the last server
+    /// FIN arrived) showed the server's fd count down by the number closed.
+    pub fd_ms: f64,
+    /// Time one read of `/proc/PID/fd` takes with all connections held: the resolution of
+    /// `fd_ms`.
     pub poll_ms: f64,
-    /// Reads of the fd count from the last close() until the drop was seen.
+    /// Reads of the fd count it took (1 = already down at the first read).
     pub reads: u32,
     /// The server's CLOSE_WAIT sockets at the first check after the fd count dropped.
     pub close_wait: usize,
@@ -90,20 +95,79 @@ pub struct Storm {
 }
 
 /// Hold `held` connections, close `closed` of them at once, and time the server's release.
+///
+/// The client ends each victim with `shutdown(SHUT_WR)`: on the wire and to the server that
+/// is exactly what `close()` does (a FIN; the server's read returns 0), but the client keeps
+/// the socket, so it sees the server's own FIN, sent when the server closes its socket. The
+/// time of the last such FIN is the storm's end, measured to the microsecond; the server's fd
+/// count in `/proc` then confirms it (to the resolution of one read of `/proc/PID/fd`).
 pub fn close_storm(addr: SocketAddr, pid: u32, held: usize, closed: usize) -> io::Result<Storm> {
     let mut streams = hold(addr, pid, held)?;
+    let closed = closed.min(held);
+    // Register the victims before the clock starts.
+    let mut poll = mio::Poll::new()?;
+    let mut victims = Vec::with_capacity(closed);
+    for (i, stream) in streams.drain(..closed).enumerate() {
+        stream.set_nonblocking(true)?;
+        let mut stream = mio::net::TcpStream::from_std(stream);
+        poll.registry()
+            .register(&mut stream, mio::Token(i), mio::Interest::READABLE)?;
+        victims.push(stream);
+    }
     std::thread::sleep(Duration::from_millis(100));
     let read_started = Instant::now();
     let fds_before = procfs::open_fds(pid)?;
     let poll_ms = read_started.elapsed().as_secs_f64() * 1e3;
     let target = fds_before.saturating_sub(closed);
-    let victims: Vec<TcpStream> = streams.drain(..closed.min(held)).collect();
-    // Dropping a TcpStream is one close(2): the client sends its FIN.
-    for victim in victims {
-        drop(victim);
+    for victim in &victims {
+        victim.shutdown(std::net::Shutdown::Write)?;
     }
-    let last_close = Instant::now();
-    let deadline = last_close + Duration::from_secs(20);
+    let last_fin = Instant::now();
+    let deadline = last_fin + Duration::from_secs(20);
+    let mut open = vec![true; closed];
+    let mut remaining = closed;
+    let mut last_eof = last_fin;
+    let mut events = mio::Events::with_capacity(1024);
+    let mut buf = [0u8; 64];
+    while remaining > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::Error::other(format!(
+                "{remaining} of {closed} connections not closed by the server 20 s after the storm"
+            )));
+        }
+        match poll.poll(&mut events, Some(deadline - now)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        for event in events.iter() {
+            let i = event.token().0;
+            if !open.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            loop {
+                match victims[i].read(&mut buf) {
+                    Ok(0) => {
+                        open[i] = false;
+                        remaining -= 1;
+                        last_eof = Instant::now();
+                        break;
+                    }
+                    Ok(_) => return Err(io::Error::other("unexpected data from the server")),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // A reset also means the server's socket is gone.
+                    Err(_) => {
+                        open[i] = false;
+                        remaining -= 1;
+                        last_eof = Instant::now();
+                        break;
+                    }
+                }
+            }
+        }
+    }
     let mut reads = 0u32;
     let seen = loop {
         let fds = procfs::open_fds(pid)?;
@@ -120,14 +184,16 @@ pub fn close_storm(addr: SocketAddr, pid: u32, held: usize, closed: usize) -> io
     };
     let close_wait = procfs::close_wait_sockets(pid)?;
     let checked = Instant::now();
-    let close_ms = seen.duration_since(last_close).as_secs_f64() * 1e3;
+    drop(victims);
     drop(streams);
+    let ms = |t: Instant| t.duration_since(last_fin).as_secs_f64() * 1e3;
     Ok(Storm {
-        close_ms,
+        close_ms: ms(last_eof),
+        fd_ms: ms(seen),
         poll_ms,
         reads,
         close_wait,
-        close_wait_checked_ms: checked.duration_since(last_close).as_secs_f64() * 1e3,
+        close_wait_checked_ms: ms(checked),
     })
 }
 

@@ -56,6 +56,7 @@ pub const COLUMNS: &[&str] = &[
     "bytes_per_conn",
     "bytes_per_conn_after_ping",
     "close_ms",
+    "fd_ms",
     "poll_ms",
     "fd_reads",
     "close_wait",
@@ -123,12 +124,17 @@ const TABLE: &[(Figure, &str, &str)] = &[
     (
         Figure::CloseStorm,
         "close_ms",
-        "last close() → server fds down, ms (lower is better)",
+        "last client FIN → last server FIN back, ms (lower is better)",
+    ),
+    (
+        Figure::CloseStorm,
+        "fd_ms",
+        "last client FIN → server fd count seen down, ms",
     ),
     (
         Figure::CloseStorm,
         "poll_ms",
-        "resolution: one read of /proc/PID/fd, ms",
+        "resolution of the fd count: one read of /proc/PID/fd, ms",
     ),
     (
         Figure::CloseStorm,
