@@ -36,8 +36,17 @@ impl Server {
         Server::spawn(Some(nofile), args)
     }
 
+    /// Start another program built on closewait (an example) the same way: it must print
+    /// `listening on IP:PORT` first.
+    pub fn start_program(program: &std::path::Path, args: &[&str]) -> Server {
+        Server::spawn_program(program.as_os_str(), None, args)
+    }
+
     fn spawn(nofile: Option<u64>, args: &[&str]) -> Server {
-        let bin = env!("CARGO_BIN_EXE_closewait");
+        Server::spawn_program(env!("CARGO_BIN_EXE_closewait").as_ref(), nofile, args)
+    }
+
+    fn spawn_program(bin: &std::ffi::OsStr, nofile: Option<u64>, args: &[&str]) -> Server {
         let mut cmd = match nofile {
             Some(n) => {
                 let mut cmd = Command::new("prlimit");
