@@ -76,6 +76,7 @@ impl Server {
             .create(true)
             .append(true)
             .open(log)?;
+        die_with_parent(&mut cmd);
         // Warnings only: the servers must not pay for logging while they are measured.
         cmd.env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -147,6 +148,22 @@ fn stop(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Have the kernel SIGKILL the server if the bench dies without stopping it (e.g. killed by a
+/// signal, when no destructor runs). `taskset` execs the server, which keeps the setting.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // calls are allowed; prctl(2) is a plain syscall and the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Send SIGTERM to our own child `pid`.
