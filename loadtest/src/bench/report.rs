@@ -92,6 +92,11 @@ const TABLE: &[(Figure, &str, &str)] = &[
         "generator CPU, cores busy",
     ),
     (
+        Figure::PingPong,
+        "other_cpu_cores",
+        "other CPU (not server or generator), cores busy",
+    ),
+    (
         Figure::Pipelined,
         "req_per_s",
         "requests/s (higher is better)",
@@ -110,6 +115,11 @@ const TABLE: &[(Figure, &str, &str)] = &[
         Figure::Pipelined,
         "gen_cpu_cores",
         "generator CPU, cores busy",
+    ),
+    (
+        Figure::Pipelined,
+        "other_cpu_cores",
+        "other CPU (not server or generator), cores busy",
     ),
     (
         Figure::IdleMemory,
@@ -160,6 +170,16 @@ const TABLE: &[(Figure, &str, &str)] = &[
     ),
     (Figure::Churn, "fd_start", "server fds before"),
     (Figure::Churn, "fd_end", "server fds after (settled)"),
+];
+
+/// Columns whose ratio means nothing (counts and context, not performance).
+const NO_RATIO: &[&str] = &[
+    "gen_cpu_cores",
+    "other_cpu_cores",
+    "poll_ms",
+    "close_wait",
+    "fd_start",
+    "fd_end",
 ];
 
 /// The machine the numbers come from.
@@ -241,7 +261,7 @@ pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (St
     let _ = writeln!(
         md,
         "Medians over {runs} run(s); every figure against a freshly started server; loopback only. \
-         Ratios are closewait ÷ tokio-baseline (for times and bytes, below 1 is better).\n"
+         Ratios are closewait ÷ tokio-baseline within each run, median over runs (for times and bytes, below 1 is better).\n"
     );
     let noisy: Vec<String> = rows
         .iter()
@@ -273,10 +293,26 @@ pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (St
             .iter()
             .map(|&k| median_of(rows, figure, k, key))
             .collect();
-        let base = cells[2];
-        let ratio = |v: Option<f64>| match (v, base) {
-            (Some(v), Some(b)) if b != 0.0 => format!("{:.2}", v / b),
-            _ => "–".to_string(),
+        // Ratio: the median over runs of the ratio within each run (the servers of one run ran
+        // minutes apart at most, so machine drift between runs cancels out).
+        let ratio = |k: Kind| {
+            if NO_RATIO.contains(&key) {
+                return "–".to_string();
+            }
+            let per_run: Vec<f64> = (1..=runs)
+                .filter_map(|run| {
+                    let at = |kind: Kind| {
+                        rows.iter()
+                            .find(|r| r.run == run && r.figure == figure && r.server == kind)
+                            .and_then(|r| r.get(key))
+                    };
+                    match (at(k), at(Kind::Baseline)) {
+                        (Some(v), Some(b)) if b != 0.0 => Some(v / b),
+                        _ => None,
+                    }
+                })
+                .collect();
+            median(per_run).map_or_else(|| "–".to_string(), |r| format!("{r:.2}"))
         };
         let show = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt_value);
         let _ = writeln!(
@@ -287,8 +323,8 @@ pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (St
             show(cells[0]),
             show(cells[1]),
             show(cells[2]),
-            ratio(cells[0]),
-            ratio(cells[1]),
+            ratio(Kind::Closewait),
+            ratio(Kind::Closewait2),
         );
     }
     let mut csv = String::from("run,server,figure");
