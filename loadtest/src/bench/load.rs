@@ -454,3 +454,67 @@ pub fn churn(
     let window = clock.finish(count)?;
     Ok(ChurnResult { window, errors })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo_reply(data: &[u8]) -> Vec<u8> {
+        frame(ECHO_REPLY, data)
+    }
+
+    #[test]
+    fn frame_is_big_endian_length_of_op_plus_data_then_op_then_data() {
+        assert_eq!(frame(ECHO, b"hi"), [0, 0, 0, 3, ECHO, b'h', b'i']);
+        assert_eq!(frame(PING, &[]), [0, 0, 0, 1, PING]);
+    }
+
+    #[test]
+    fn a_length_above_255_uses_every_byte_of_the_prefix() {
+        let f = frame(ECHO, &[7u8; 300]);
+        assert_eq!(&f[..5], [0, 0, 1, 45, ECHO], "301 = 0x012d");
+        assert_eq!(f.len(), 4 + 301);
+    }
+
+    #[test]
+    fn whole_replies_are_counted_and_consumed() {
+        let mut buf = echo_reply(b"abcd");
+        buf.extend(echo_reply(b"efgh"));
+        assert_eq!(parse_replies(&buf, 4).unwrap(), (2, buf.len()));
+    }
+
+    #[test]
+    fn a_partial_reply_is_left_for_the_next_read() {
+        let one = echo_reply(b"abcd");
+        let mut buf = one.clone();
+        buf.extend_from_slice(&one[..6]);
+        assert_eq!(parse_replies(&buf, 4).unwrap(), (1, one.len()));
+        // Only part of the length prefix: nothing consumed yet.
+        assert_eq!(parse_replies(&one[..3], 4).unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn a_reply_split_at_every_byte_is_counted_once() {
+        let reply = echo_reply(b"xyz");
+        let mut partial = Vec::new();
+        let mut total = 0;
+        for &b in &reply {
+            partial.push(b);
+            let (n, used) = parse_replies(&partial, 3).unwrap();
+            total += n;
+            partial.drain(..used);
+        }
+        assert_eq!((total, partial.len()), (1, 0));
+    }
+
+    #[test]
+    fn an_error_frame_or_a_wrong_length_is_not_counted_as_a_reply() {
+        let error = frame(closewait::service::ERROR, b"oops");
+        assert!(parse_replies(&error, 4).is_err(), "ERROR frame accepted");
+        let short = echo_reply(b"abc");
+        assert!(
+            parse_replies(&short, 4).is_err(),
+            "3-byte echo accepted for 4"
+        );
+    }
+}

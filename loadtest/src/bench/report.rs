@@ -345,3 +345,125 @@ pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (St
     }
     (md, csv)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(run: u32, server: Kind, metrics: Vec<(&'static str, f64)>) -> Row {
+        Row {
+            run,
+            server,
+            figure: Figure::PingPong,
+            metrics,
+        }
+    }
+
+    fn machine() -> Machine {
+        Machine {
+            nproc: 2,
+            kernel: "6.0".to_string(),
+            cpu: "test cpu".to_string(),
+            pinning: "none".to_string(),
+        }
+    }
+
+    /// The table line of one metric label.
+    fn table_line<'a>(md: &'a str, label: &str) -> &'a str {
+        md.lines()
+            .find(|l| l.starts_with("| ping-pong |") && l.contains(label))
+            .unwrap_or_else(|| panic!("no line for {label:?} in\n{md}"))
+    }
+
+    #[test]
+    fn median_of_odd_count_is_the_middle_value_whatever_the_order() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn median_of_even_count_is_the_mean_of_the_two_middle_values() {
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn median_of_nothing_is_none() {
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn values_keep_three_significant_digits_or_all_integer_digits() {
+        assert_eq!(fmt_value(96212.4), "96212");
+        assert_eq!(fmt_value(1315.0), "1315");
+        assert_eq!(fmt_value(141.26), "141.3");
+        assert_eq!(fmt_value(8.2154), "8.215");
+        assert_eq!(fmt_value(0.0), "0");
+    }
+
+    #[test]
+    fn ratio_is_the_median_of_per_run_ratios_not_the_ratio_of_medians() {
+        // Run 1 is fast for everyone, run 2 slow, run 3 in between: drift between runs.
+        // Per-run ratios 1.5, 1.5, 1.0 -> median 1.5; the ratio of medians would be 20/20 = 1.0.
+        let rows = vec![
+            row(1, Kind::Closewait, vec![("req_per_s", 30.0)]),
+            row(1, Kind::Baseline, vec![("req_per_s", 20.0)]),
+            row(2, Kind::Closewait, vec![("req_per_s", 15.0)]),
+            row(2, Kind::Baseline, vec![("req_per_s", 10.0)]),
+            row(3, Kind::Closewait, vec![("req_per_s", 20.0)]),
+            row(3, Kind::Baseline, vec![("req_per_s", 20.0)]),
+        ];
+        let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
+        let line = table_line(&md, "requests/s");
+        assert_eq!(
+            line, "| ping-pong | requests/s (higher is better) | 20 | – | 20 | 1.50 | – |",
+            "medians 20 and 20, ratio median of 1.5, 1.5, 1.0; a server without rows shows –"
+        );
+    }
+
+    #[test]
+    fn context_columns_get_no_ratio() {
+        let rows = vec![
+            row(1, Kind::Closewait, vec![("gen_cpu_cores", 0.9)]),
+            row(1, Kind::Baseline, vec![("gen_cpu_cores", 0.95)]),
+        ];
+        let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
+        let line = table_line(&md, "generator CPU");
+        assert!(line.ends_with("| 0.900 | – | 0.950 | – | – |"), "{line}");
+    }
+
+    #[test]
+    fn a_zero_baseline_gives_no_ratio_instead_of_infinity() {
+        let rows = vec![
+            row(1, Kind::Closewait, vec![("p99_us", 5.0)]),
+            row(1, Kind::Baseline, vec![("p99_us", 0.0)]),
+        ];
+        let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
+        let line = table_line(&md, "RTT p99");
+        assert!(line.ends_with("| – | – |"), "{line}");
+    }
+
+    #[test]
+    fn noisy_windows_are_named_in_the_report() {
+        let rows = vec![row(2, Kind::Baseline, vec![("other_cpu_cores", 0.5)])];
+        let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
+        assert!(
+            md.contains("**Not a quiet machine**") && md.contains("run 2 tokio-baseline ping-pong"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn csv_has_one_row_per_measurement_with_empty_cells_for_absent_columns() {
+        let rows = vec![row(1, Kind::Closewait2, vec![("req_per_s", 1.5)])];
+        let (_, csv) = render(&rows, &machine(), "plan", "loadtest bench");
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 2, "{csv}");
+        let header: Vec<&str> = lines[0].split(',').collect();
+        let cells: Vec<&str> = lines[1].split(',').collect();
+        assert_eq!(header.len(), 3 + COLUMNS.len());
+        assert_eq!(cells.len(), header.len(), "{csv}");
+        assert_eq!(&cells[..3], ["1", "closewait-w2", "ping-pong"]);
+        let at = |name: &str| cells[header.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(at("req_per_s"), "1.5");
+        assert_eq!(at("p99_us"), "");
+    }
+}

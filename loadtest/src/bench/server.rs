@@ -282,3 +282,39 @@ pub fn wait_quiet(cores: f64, limit: std::time::Duration) -> io::Result<(Duratio
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_are_utime_plus_stime_even_when_the_name_has_spaces_and_parens() {
+        // A recorded /proc/PID/stat line whose comm is "(a b) c": fields 14 and 15 are 250, 50.
+        let line = "4242 ((a b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 \
+                    12345 1000000 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n";
+        let path = std::env::temp_dir().join(format!("bench-stat-{}", std::process::id()));
+        std::fs::write(&path, line).unwrap();
+        let secs = cpu_seconds_of(path.to_str().unwrap()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            (secs - 300.0 / clock_ticks()).abs() < 1e-9,
+            "expected 300 ticks, got {secs} s at {} ticks/s",
+            clock_ticks()
+        );
+    }
+
+    #[test]
+    fn a_truncated_stat_line_is_an_error_not_a_zero() {
+        let path = std::env::temp_dir().join(format!("bench-stat-short-{}", std::process::id()));
+        std::fs::write(&path, "4242 (x) S 1 2 3\n").unwrap();
+        let result = cpu_seconds_of(path.to_str().unwrap());
+        std::fs::remove_file(&path).unwrap();
+        assert!(result.is_err(), "{result:?}");
+    }
+
+    #[test]
+    fn this_process_has_a_resident_set_and_uses_cpu() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(own_cpu_seconds().unwrap() >= 0.0);
+    }
+}
