@@ -31,6 +31,9 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// Reads per readiness event before the loop moves on to other connections; the connection
 /// is revisited next turn, so one fast peer cannot starve the rest.
 pub const READS_PER_TURN: usize = 16;
+/// Reads a graceful shutdown spends answering what a peer already sent (4 MiB): enough for
+/// any honest backlog, and bounded so a peer that keeps sending cannot hold shutdown open.
+pub const SHUTDOWN_READS: usize = 64;
 
 /// Why a connection ended. Each reason has its own counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,9 +244,9 @@ impl Connection {
         // memory past the bound for a peer that is not reading.)
         let mut step = Step::Continue;
         if !self.read_paused {
-            step = self.read_until_blocked(io, usize::MAX);
+            step = self.read_until_blocked(io, SHUTDOWN_READS);
         }
-        if matches!(step, Step::Close(_)) {
+        if let Step::Close(_) = step {
             return step;
         }
         if self.state == State::Open {
