@@ -32,6 +32,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const CLIENT_GRACE: Duration = Duration::from_secs(5);
 /// After the clients leave, how long the correct server gets to release their sockets.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How often the settle wait re-reads `/proc`.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
+/// Seed of both servers' client schedules.
+const WORKLOAD_SEED: u64 = 0x5EED;
 /// The line a naive server logs when accept fails for lack of fds.
 const EMFILE_TEXT: &str = "Too many open files";
 
@@ -200,8 +204,14 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
     let mut totals = [workload::new_histogram(), workload::new_histogram()];
     // t = 0: each server's baseline, before any client connects.
     let mut samples = Vec::new();
-    for ((server, tally), total) in servers.iter().zip(&tallies).zip(&mut totals) {
-        samples.push(take_sample(0, server, tally, total)?);
+    let close_wait = close_wait_of(&servers)?;
+    for (((server, tally), total), close_wait) in servers
+        .iter()
+        .zip(&tallies)
+        .zip(&mut totals)
+        .zip(close_wait)
+    {
+        samples.push(take_sample(0, server, tally, total, close_wait)?);
     }
     let start = Instant::now();
     // Clients run past the last sample and are stopped by the flag, so the last sample is not
@@ -210,11 +220,12 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for (server, tally) in servers.iter().zip(&tallies) {
-        // Same seed for both: the two servers see the same sequence of sessions and endings.
-        threads.extend(workload::start(
+        // One thread drives all clients of one server. Same seed for both: the two servers
+        // see the same sequence of sessions and endings.
+        threads.push(workload::start(
             server.addr,
             args.clients,
-            0x5EED,
+            WORKLOAD_SEED,
             tally.clone(),
             stop.clone(),
             deadline,
@@ -225,8 +236,14 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
         let due = start + Duration::from_secs(t);
         thread::sleep(due.saturating_duration_since(Instant::now()));
         let mut line = format!("[{t:>4} s]");
-        for ((server, tally), total) in servers.iter().zip(&tallies).zip(&mut totals) {
-            let sample = take_sample(t, server, tally, total)?;
+        let close_wait = close_wait_of(&servers)?;
+        for (((server, tally), total), close_wait) in servers
+            .iter()
+            .zip(&tallies)
+            .zip(&mut totals)
+            .zip(close_wait)
+        {
+            let sample = take_sample(t, server, tally, total, close_wait)?;
             line.push_str(&format!(
                 "  {}: fds {:>5} close_wait {:>5} ok {:>7} failed {:>4}{}",
                 server.variant,
@@ -242,24 +259,27 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
     }
     stop.store(true, Ordering::Relaxed);
     for thread in threads {
-        let _ = thread.join();
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::other("a client thread panicked")),
+        }
     }
     // Every client is gone: the correct server must be back to its baseline, while the leaky
-    // one keeps every socket it leaked.
+    // one keeps every socket it leaked. The clients' last FINs may still be in flight.
+    let (correct_pid, baseline_fds) = (servers[0].pid(), samples[0].fds);
     let settle_until = Instant::now() + SETTLE;
     while Instant::now() < settle_until
-        && procfs::close_wait_sockets(servers[0].pid()).unwrap_or(0) > 0
+        && (procfs::close_wait_sockets(correct_pid).unwrap_or(0) > 0
+            || procfs::open_fds(correct_pid).unwrap_or(0) > baseline_fds)
     {
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(SETTLE_POLL);
     }
+    let close_wait_after = close_wait_of(&servers)?;
     let after: Vec<(usize, usize)> = servers
         .iter()
-        .map(|s| {
-            (
-                procfs::open_fds(s.pid()).unwrap_or(0),
-                procfs::close_wait_sockets(s.pid()).unwrap_or(0),
-            )
-        })
+        .zip(close_wait_after)
+        .map(|(s, close_wait)| (procfs::open_fds(s.pid()).unwrap_or(0), close_wait))
         .collect();
     for server in &mut servers {
         server.stop();
@@ -300,6 +320,7 @@ fn take_sample(
     server: &ServerProcess,
     tally: &Tally,
     total: &mut hdrhistogram::Histogram<u64>,
+    close_wait: usize,
 ) -> io::Result<Sample> {
     let pid = server.pid();
     let context = |e: io::Error| {
@@ -321,7 +342,7 @@ fn take_sample(
         t,
         variant: server.variant,
         fds: procfs::open_fds(pid).map_err(context)?,
-        close_wait: procfs::close_wait_sockets(pid).map_err(context)?,
+        close_wait,
         ok: tally.ok.load(Ordering::Relaxed),
         failed: tally.failed.load(Ordering::Relaxed),
         connect_failed: tally.connect_failed.load(Ordering::Relaxed),
@@ -330,6 +351,53 @@ fn take_sample(
         p99_us: quantile(0.99),
         accept_failing: server.has_logged_emfile(),
     })
+}
+
+/// Each server's sockets in CLOSE_WAIT, from one read of the TCP tables for all of them.
+///
+/// The tables list every socket of the network namespace (the servers share ours), so a
+/// read is what costs: about 0.3 s of CPU on a machine with 130,000 TIME_WAIT sockets left
+/// by benchmarks. [`procfs::close_wait_sockets`] per server would pay it once per server.
+fn close_wait_of(servers: &[ServerProcess]) -> io::Result<Vec<usize>> {
+    let context = |server: &ServerProcess, e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "reading the sockets of the {} server (pid {}): {e}",
+                server.variant,
+                server.pid()
+            ),
+        )
+    };
+    // Inodes first, then the table: a socket opened in between is simply not counted.
+    let inodes = servers
+        .iter()
+        .map(|s| procfs::socket_inodes(s.pid()).map_err(|e| context(s, e)))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut close_wait_inodes = Vec::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let text = match fs::read_to_string(table) {
+            Ok(text) => text,
+            // tcp6 is absent when IPv6 is disabled; the servers listen on IPv4 anyway.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("reading {table}: {e}"))),
+        };
+        close_wait_inodes.extend(
+            procfs::parse_tcp_table(&text)
+                .into_iter()
+                .filter(|row| row.state == procfs::TCP_CLOSE_WAIT)
+                .map(|row| row.inode),
+        );
+    }
+    Ok(inodes
+        .iter()
+        .map(|own| {
+            close_wait_inodes
+                .iter()
+                .filter(|&&inode| own.contains(&inode))
+                .count()
+        })
+        .collect())
 }
 
 /// What makes the run a failure: the fix must hold, and the demo must demonstrate.
@@ -433,8 +501,10 @@ fn report_markdown(
          - Command: `loadtest compare --duration {duration} --nofile {nofile} --clients {clients} --out {out}`\n\
          - Two server processes, started at the same time, each under `RLIMIT_NOFILE={nofile}` (soft and hard): \
          `closewait` and `closewait --leaky`, all other flags at their defaults, listening on 127.0.0.1.\n\
-         - Each is driven by {clients} client threads at the same time with the same random sequence: each \
-         client holds one connection, sends 64-byte ECHO requests every {pace} ms, and after {smin}–{smax} ms \
+         - Both are driven at the same time by {clients} clients each (one mio thread per server, \
+         non-blocking sockets), with the same random sequence: each client holds one connection and \
+         sends one request at a time, {pace} ms after the previous reply (64-byte ECHOs, every \
+         {ping_every}th a PING; each reply checked byte for byte); after {smin}–{smax} ms it \
          \"hits an exception\" and closes it — cleanly (50 %), in the middle of a frame (30 %) or with \
          unread replies, which makes its kernel send RST (20 %) — then reconnects. Connects and requests \
          time out after {timeout} s.\n\
@@ -458,6 +528,7 @@ fn report_markdown(
         clients = args.clients,
         out = args.out.display(),
         pace = workload::REQUEST_PACE.as_millis(),
+        ping_every = workload::PING_EVERY,
         smin = workload::SESSION_MIN.as_millis(),
         smax = workload::SESSION_MAX.as_millis(),
         timeout = workload::IO_TIMEOUT.as_secs(),

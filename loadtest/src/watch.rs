@@ -32,6 +32,26 @@ struct Sample {
     soft_limit: Option<u64>,
 }
 
+/// The state letter of a `/proc/PID/stat` line (`R`, `S`, `Z`, ...). It follows the command
+/// name, which is in parentheses and may itself contain spaces and `)`, hence the last `)`.
+fn parse_stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Whether `pid` has exited. A zombie (exited, not yet reaped by its parent) still has a
+/// `/proc/PID` directory, but no fds and no sockets: watching it would print zeros forever.
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => matches!(parse_stat_state(&stat), Some('Z' | 'X')),
+        Err(_) => true,
+    }
+}
+
 fn sample(pid: u32) -> std::io::Result<Sample> {
     Ok(Sample {
         fds: procfs::open_fds(pid)?,
@@ -50,13 +70,15 @@ pub fn run(args: Args) -> ExitCode {
     );
     let mut printed = 0;
     while args.count.is_none_or(|count| printed < count) {
+        // Gone after we saw it: the watched server stopped, which ends the watch.
+        if printed > 0 && has_exited(args.pid) {
+            println!("process {} exited", args.pid);
+            return ExitCode::SUCCESS;
+        }
         let s = match sample(args.pid) {
             Ok(s) => s,
-            // Gone after we saw it: the watched server stopped, which ends the watch.
-            Err(_)
-                if printed > 0
-                    && !std::path::Path::new(&format!("/proc/{}", args.pid)).exists() =>
-            {
+            // It may exit between the check above and the reads.
+            Err(_) if printed > 0 && has_exited(args.pid) => {
                 println!("process {} exited", args.pid);
                 return ExitCode::SUCCESS;
             }
@@ -83,4 +105,25 @@ pub fn run(args: Args) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_state_after_the_command_name_even_with_parentheses_in_it() {
+        // Recorded from /proc/PID/stat; the second is a zombie whose name holds ") S (".
+        let running = "25793 (loadtest) S 25791 25791 2876 0 -1 4194560 213 0 0 0 1 2 0 0 20 0 2";
+        let zombie = "22417 (odd) S (name) Z 22374 22372 2876 0 -1 4227084 127 0 0 0 0 0 0 0 20";
+        assert_eq!(parse_stat_state(running), Some('S'));
+        assert_eq!(parse_stat_state(zombie), Some('Z'));
+        assert_eq!(parse_stat_state("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_has_not_exited_and_a_missing_one_has() {
+        assert!(!has_exited(std::process::id()));
+        assert!(has_exited(u32::MAX));
+    }
 }

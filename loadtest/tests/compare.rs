@@ -158,3 +158,47 @@ fn watch_fails_clearly_for_a_process_that_does_not_exist() {
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("cannot read /proc/4000000"));
 }
+
+#[test]
+fn watch_without_count_ends_with_success_when_the_process_exits() {
+    // The child is not reaped until watch has ended, so it lingers as a zombie: watch must
+    // see that as exited rather than print zero fds until someone reaps it.
+    let mut child = Command::new("sleep")
+        .arg("0.5")
+        .spawn()
+        .expect("start sleep");
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args([
+            "watch",
+            "--pid",
+            &child.id().to_string(),
+            "--interval",
+            "100",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start watch");
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > give_up {
+            let _ = watch.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut watch.stdout.take().unwrap(), &mut text).unwrap();
+    let _ = watch.wait();
+    let _ = child.wait();
+    let status = status.expect("watch still running 10 s after the process exited");
+    assert!(status.success(), "{status}\n{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert_eq!(last, format!("process {} exited", child.id()), "{text}");
+    assert!(
+        text.lines().count() >= 3,
+        "header, samples, exit line:\n{text}"
+    );
+}
