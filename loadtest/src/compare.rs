@@ -9,6 +9,7 @@
 mod report;
 mod workload;
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader};
 use std::net::SocketAddr;
@@ -32,6 +33,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const CLIENT_GRACE: Duration = Duration::from_secs(5);
 /// After the clients leave, how long the correct server gets to release their sockets.
 const SETTLE: Duration = Duration::from_secs(2);
+/// The cpu both servers run on when there are two or more.
+const SERVER_CPU: usize = 0;
+/// The cpu the client threads run on when there are two or more.
+const CLIENT_CPU: usize = 1;
 /// How often the settle wait re-reads `/proc`.
 const SETTLE_POLL: Duration = Duration::from_millis(20);
 /// Seed of both servers' client schedules.
@@ -71,19 +76,18 @@ impl ServerProcess {
     fn start(
         variant: &'static str,
         nofile: u64,
+        cpu: Option<usize>,
         extra: &[&str],
         out: &Path,
     ) -> io::Result<ServerProcess> {
         let log = out.join(format!("{variant}.log"));
-        let mut child = Command::new(std::env::current_exe()?)
-            .args([
-                "serve",
-                "--nofile",
-                &nofile.to_string(),
-                "--",
-                "--listen",
-                "127.0.0.1:0",
-            ])
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["serve", "--nofile", &nofile.to_string()]);
+        if let Some(cpu) = cpu {
+            command.args(["--cpu", &cpu.to_string()]);
+        }
+        let mut child = command
+            .args(["--", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -165,6 +169,43 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Which cpus the servers and the client threads run on.
+#[derive(Clone, Copy, Debug)]
+struct Pinning {
+    servers: Option<usize>,
+    clients: Option<usize>,
+}
+
+impl Pinning {
+    /// Servers on cpu 0 and clients on cpu 1 when there are two cpus: sharing one, a client
+    /// woken by a reply often waits behind the server for the cpu, and the latency figures
+    /// then measure the scheduler (see `serve`). The sampler stays unpinned so its `/proc`
+    /// reads do not stall the clients. One cpu: nothing to separate.
+    fn choose() -> Pinning {
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus >= 2 {
+            Pinning {
+                servers: Some(SERVER_CPU),
+                clients: Some(CLIENT_CPU),
+            }
+        } else {
+            Pinning {
+                servers: None,
+                clients: None,
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (self.servers, self.clients) {
+            (Some(s), Some(c)) => format!(
+                "both servers pinned to cpu {s}, both client threads to cpu {c}, the sampler unpinned"
+            ),
+            _ => "nothing pinned (one cpu)".to_string(),
+        }
+    }
+}
+
 /// Run the comparison; non-zero exit when the correct server misbehaved or the leaky one
 /// failed to leak.
 pub fn run(args: Args) -> ExitCode {
@@ -185,34 +226,34 @@ pub fn run(args: Args) -> ExitCode {
 
 fn compare(args: &Args) -> io::Result<Vec<String>> {
     fs::create_dir_all(&args.out)?;
+    let pinning = Pinning::choose();
     let mut servers = [
-        ServerProcess::start("correct", args.nofile, &[], &args.out)?,
-        ServerProcess::start("leaky", args.nofile, &["--leaky"], &args.out)?,
+        ServerProcess::start("correct", args.nofile, pinning.servers, &[], &args.out)?,
+        ServerProcess::start(
+            "leaky",
+            args.nofile,
+            pinning.servers,
+            &["--leaky"],
+            &args.out,
+        )?,
     ];
     // Our own clients need fds too: 2 x clients sockets plus a margin.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     eprintln!(
-        "comparing for {} s: {} clients per server, RLIMIT_NOFILE {} each (correct pid {}, leaky pid {})",
+        "comparing for {} s: {} clients per server, RLIMIT_NOFILE {} each (correct pid {}, leaky pid {}); {}",
         args.duration,
         args.clients,
         args.nofile,
         servers[0].pid(),
-        servers[1].pid()
+        servers[1].pid(),
+        pinning.describe()
     );
 
     let tallies = [Arc::new(Tally::default()), Arc::new(Tally::default())];
     let mut totals = [workload::new_histogram(), workload::new_histogram()];
     // t = 0: each server's baseline, before any client connects.
-    let mut samples = Vec::new();
-    let close_wait = close_wait_of(&servers)?;
-    for (((server, tally), total), close_wait) in servers
-        .iter()
-        .zip(&tallies)
-        .zip(&mut totals)
-        .zip(close_wait)
-    {
-        samples.push(take_sample(0, server, tally, total, close_wait)?);
-    }
+    let mut close_wait_before = vec![HashSet::new(); servers.len()];
+    let mut samples = sample_all(0, &servers, &tallies, &mut totals, &mut close_wait_before)?;
     let start = Instant::now();
     // Clients run past the last sample and are stopped by the flag, so the last sample is not
     // taken in the instant when every client closes at once.
@@ -226,6 +267,7 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
             server.addr,
             args.clients,
             WORKLOAD_SEED,
+            pinning.clients,
             tally.clone(),
             stop.clone(),
             deadline,
@@ -236,17 +278,10 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
         let due = start + Duration::from_secs(t);
         thread::sleep(due.saturating_duration_since(Instant::now()));
         let mut line = format!("[{t:>4} s]");
-        let close_wait = close_wait_of(&servers)?;
-        for (((server, tally), total), close_wait) in servers
-            .iter()
-            .zip(&tallies)
-            .zip(&mut totals)
-            .zip(close_wait)
-        {
-            let sample = take_sample(t, server, tally, total, close_wait)?;
+        for sample in sample_all(t, &servers, &tallies, &mut totals, &mut close_wait_before)? {
             line.push_str(&format!(
                 "  {}: fds {:>5} close_wait {:>5} ok {:>7} failed {:>4}{}",
-                server.variant,
+                sample.variant,
                 sample.fds,
                 sample.close_wait,
                 sample.ok,
@@ -279,7 +314,7 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
     let after: Vec<(usize, usize)> = servers
         .iter()
         .zip(close_wait_after)
-        .map(|(s, close_wait)| (procfs::open_fds(s.pid()).unwrap_or(0), close_wait))
+        .map(|(s, close_wait)| (procfs::open_fds(s.pid()).unwrap_or(0), close_wait.len()))
         .collect();
     for server in &mut servers {
         server.stop();
@@ -311,8 +346,34 @@ fn compare(args: &Args) -> io::Result<Vec<String>> {
             summaries[0].fds_after, samples[0].fds
         ));
     }
-    write_outputs(args, &samples, &summaries, &problems)?;
+    write_outputs(args, &pinning, &samples, &summaries, &problems)?;
     Ok(problems)
+}
+
+/// Sample every server at second `t`. `close_wait_before` holds each server's CLOSE_WAIT
+/// sockets (inodes) of the previous sample and is updated, so that a socket still in
+/// CLOSE_WAIT a sample later is told apart from a new one that is just being closed.
+fn sample_all(
+    t: u64,
+    servers: &[ServerProcess],
+    tallies: &[Arc<Tally>],
+    totals: &mut [hdrhistogram::Histogram<u64>],
+    close_wait_before: &mut [HashSet<u64>],
+) -> io::Result<Vec<Sample>> {
+    let close_wait_now = close_wait_of(servers)?;
+    let mut samples = Vec::with_capacity(servers.len());
+    for (i, close_wait) in close_wait_now.into_iter().enumerate() {
+        let lingering = close_wait.intersection(&close_wait_before[i]).count();
+        samples.push(take_sample(
+            t,
+            &servers[i],
+            &tallies[i],
+            &mut totals[i],
+            (close_wait.len(), lingering),
+        )?);
+        close_wait_before[i] = close_wait;
+    }
+    Ok(samples)
 }
 
 fn take_sample(
@@ -320,7 +381,7 @@ fn take_sample(
     server: &ServerProcess,
     tally: &Tally,
     total: &mut hdrhistogram::Histogram<u64>,
-    close_wait: usize,
+    (close_wait, close_wait_lingering): (usize, usize),
 ) -> io::Result<Sample> {
     let pid = server.pid();
     let context = |e: io::Error| {
@@ -343,6 +404,7 @@ fn take_sample(
         variant: server.variant,
         fds: procfs::open_fds(pid).map_err(context)?,
         close_wait,
+        close_wait_lingering,
         ok: tally.ok.load(Ordering::Relaxed),
         failed: tally.failed.load(Ordering::Relaxed),
         connect_failed: tally.connect_failed.load(Ordering::Relaxed),
@@ -353,12 +415,12 @@ fn take_sample(
     })
 }
 
-/// Each server's sockets in CLOSE_WAIT, from one read of the TCP tables for all of them.
+/// Each server's sockets (inodes) in CLOSE_WAIT, from one read of the TCP tables for all of them.
 ///
 /// The tables list every socket of the network namespace (the servers share ours), so a
 /// read is what costs: about 0.3 s of CPU on a machine with 130,000 TIME_WAIT sockets left
 /// by benchmarks. [`procfs::close_wait_sockets`] per server would pay it once per server.
-fn close_wait_of(servers: &[ServerProcess]) -> io::Result<Vec<usize>> {
+fn close_wait_of(servers: &[ServerProcess]) -> io::Result<Vec<HashSet<u64>>> {
     let context = |server: &ServerProcess, e: io::Error| {
         io::Error::new(
             e.kind(),
@@ -394,8 +456,9 @@ fn close_wait_of(servers: &[ServerProcess]) -> io::Result<Vec<usize>> {
         .map(|own| {
             close_wait_inodes
                 .iter()
-                .filter(|&&inode| own.contains(&inode))
-                .count()
+                .copied()
+                .filter(|inode| own.contains(inode))
+                .collect()
         })
         .collect())
 }
@@ -403,10 +466,11 @@ fn close_wait_of(servers: &[ServerProcess]) -> io::Result<Vec<usize>> {
 /// What makes the run a failure: the fix must hold, and the demo must demonstrate.
 fn judge(correct: &report::Summary, leaky: &report::Summary) -> Vec<String> {
     let mut problems = Vec::new();
-    if correct.longest_close_wait_run > 1 {
+    if let Some(t) = correct.first_lingering_s {
         problems.push(format!(
-            "the correct server held CLOSE_WAIT sockets for {} consecutive samples (peak {})",
-            correct.longest_close_wait_run, correct.peak_close_wait
+            "the correct server left a CLOSE_WAIT socket open for a whole sample interval \
+             (still there at {t} s, {} such sockets at most)",
+            correct.peak_lingering
         ));
     }
     if correct.failed > 0 || correct.connect_failed > 0 {
@@ -433,6 +497,7 @@ fn judge(correct: &report::Summary, leaky: &report::Summary) -> Vec<String> {
 
 fn write_outputs(
     args: &Args,
+    pinning: &Pinning,
     samples: &[Sample],
     summaries: &[report::Summary],
     problems: &[String],
@@ -446,7 +511,7 @@ fn write_outputs(
     fs::write(args.out.join("samples.csv"), csv)?;
     report::draw_svg(&args.out.join("fds.svg"), samples, args.nofile)?;
     let table = report::table(summaries);
-    let markdown = report_markdown(args, summaries, &table, problems);
+    let markdown = report_markdown(args, pinning, summaries, &table, problems);
     fs::write(args.out.join("report.md"), markdown)?;
     println!("{table}");
     let (correct, leaky) = (&summaries[0], &summaries[1]);
@@ -470,6 +535,7 @@ fn write_outputs(
 
 fn report_markdown(
     args: &Args,
+    pinning: &Pinning,
     summaries: &[report::Summary],
     table: &str,
     problems: &[String],
@@ -508,6 +574,8 @@ fn report_markdown(
          \"hits an exception\" and closes it — cleanly (50 %), in the middle of a frame (30 %) or with \
          unread replies, which makes its kernel send RST (20 %) — then reconnects. Connects and requests \
          time out after {timeout} s.\n\
+         - CPUs: {pinning} (sharing a cpu, a client woken by a reply often waits behind the \
+         server, and the latency figures measure the scheduler instead).\n\
          - Once a second: each server's open fds (`/proc/PID/fd`) and its sockets in CLOSE_WAIT \
          (inodes of `/proc/PID/fd` matched against `/proc/PID/net/tcp{{,6}}`, state `08`).\n\n\
          ## Results\n\n{table}\n{emfile}\n\n\
@@ -529,6 +597,7 @@ fn report_markdown(
         out = args.out.display(),
         pace = workload::REQUEST_PACE.as_millis(),
         ping_every = workload::PING_EVERY,
+        pinning = pinning.describe(),
         smin = workload::SESSION_MIN.as_millis(),
         smax = workload::SESSION_MAX.as_millis(),
         timeout = workload::IO_TIMEOUT.as_secs(),

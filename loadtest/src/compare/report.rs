@@ -17,6 +17,9 @@ pub struct Sample {
     pub fds: usize,
     /// Its sockets in CLOSE_WAIT.
     pub close_wait: usize,
+    /// Of those, the ones already in CLOSE_WAIT at the previous sample (same inode): left
+    /// unclosed for a whole interval, not merely caught between a FIN and its close.
+    pub close_wait_lingering: usize,
     /// Requests answered, in total so far.
     pub ok: u64,
     /// Requests failed, in total so far.
@@ -35,16 +38,17 @@ pub struct Sample {
 
 /// The CSV header, matching [`csv_row`].
 pub const CSV_HEADER: &str =
-    "t_s,variant,fds,close_wait,requests_ok,requests_failed,connects_failed,peer_closes,p50_us,p99_us,accept_failing";
+    "t_s,variant,fds,close_wait,close_wait_lingering,requests_ok,requests_failed,connects_failed,peer_closes,p50_us,p99_us,accept_failing";
 
 /// One CSV line (no newline).
 pub fn csv_row(s: &Sample) -> String {
     format!(
-        "{},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{},{},{},{}",
         s.t,
         s.variant,
         s.fds,
         s.close_wait,
+        s.close_wait_lingering,
         s.ok,
         s.failed,
         s.connect_failed,
@@ -78,8 +82,10 @@ pub struct Summary {
     pub p99_us: u64,
     /// First second at which the server's log showed `Too many open files`.
     pub first_emfile_s: Option<u64>,
-    /// Longest run of consecutive samples with a CLOSE_WAIT socket.
-    pub longest_close_wait_run: usize,
+    /// Most CLOSE_WAIT sockets seen in two consecutive samples (the same sockets).
+    pub peak_lingering: usize,
+    /// First second at which a CLOSE_WAIT socket had been there since the previous sample.
+    pub first_lingering_s: Option<u64>,
     /// Open fds once every client had left (filled in by the caller).
     pub fds_after: usize,
     /// CLOSE_WAIT sockets once every client had left (filled in by the caller).
@@ -89,11 +95,6 @@ pub struct Summary {
 /// Summarise one variant's samples (in time order).
 pub fn summarise(variant: &'static str, samples: &[&Sample], p50_us: u64, p99_us: u64) -> Summary {
     let last = samples.last();
-    let (mut run, mut longest) = (0, 0);
-    for s in samples {
-        run = if s.close_wait > 0 { run + 1 } else { 0 };
-        longest = longest.max(run);
-    }
     Summary {
         variant,
         peak_fds: samples.iter().map(|s| s.fds).max().unwrap_or(0),
@@ -105,7 +106,15 @@ pub fn summarise(variant: &'static str, samples: &[&Sample], p50_us: u64, p99_us
         p50_us,
         p99_us,
         first_emfile_s: samples.iter().find(|s| s.accept_failing).map(|s| s.t),
-        longest_close_wait_run: longest,
+        peak_lingering: samples
+            .iter()
+            .map(|s| s.close_wait_lingering)
+            .max()
+            .unwrap_or(0),
+        first_lingering_s: samples
+            .iter()
+            .find(|s| s.close_wait_lingering > 0)
+            .map(|s| s.t),
         fds_after: 0,
         close_wait_after: 0,
     }
@@ -114,8 +123,8 @@ pub fn summarise(variant: &'static str, samples: &[&Sample], p50_us: u64, p99_us
 /// The results table, in Markdown (also what the terminal shows).
 pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| variant | peak fds | peak CLOSE_WAIT | fds after clients left | CLOSE_WAIT after clients left | requests ok | requests failed | connects failed | peer closes | p50 µs | p99 µs | first `Too many open files` |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| variant | peak fds | peak CLOSE_WAIT | of which left open ≥ 1 sample | fds after clients left | CLOSE_WAIT after clients left | requests ok | requests failed | connects failed | peer closes | p50 µs | p99 µs | first `Too many open files` |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for s in summaries {
         let emfile = s
@@ -123,10 +132,11 @@ pub fn table(summaries: &[Summary]) -> String {
             .map_or("never".to_string(), |t| format!("after {t} s"));
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.variant,
             s.peak_fds,
             s.peak_close_wait,
+            s.peak_lingering,
             s.fds_after,
             s.close_wait_after,
             s.ok,
@@ -224,12 +234,13 @@ fn draw(path: &Path, samples: &[Sample], nofile: u64) -> Result<(), Box<dyn std:
 mod tests {
     use super::*;
 
-    fn sample(t: u64, close_wait: usize, accept_failing: bool) -> Sample {
+    fn sample(t: u64, close_wait: usize, lingering: usize, accept_failing: bool) -> Sample {
         Sample {
             t,
             variant: "leaky",
             fds: 10 + close_wait,
             close_wait,
+            close_wait_lingering: lingering,
             ok: t * 100,
             failed: 0,
             connect_failed: 0,
@@ -242,25 +253,35 @@ mod tests {
 
     #[test]
     fn csv_rows_match_the_header() {
-        let row = csv_row(&sample(3, 7, true));
-        assert_eq!(row, "3,leaky,17,7,300,0,0,9,50,90,1");
+        let row = csv_row(&sample(3, 7, 5, true));
+        assert_eq!(row, "3,leaky,17,7,5,300,0,0,9,50,90,1");
         assert_eq!(row.split(',').count(), CSV_HEADER.split(',').count());
     }
 
     #[test]
-    fn summary_finds_peaks_the_first_emfile_and_the_longest_close_wait_run() {
+    fn summary_finds_peaks_the_first_emfile_and_the_first_lingering_socket() {
         let samples = [
-            sample(1, 0, false),
-            sample(2, 4, false),
-            sample(3, 9, true),
-            sample(4, 0, true),
-            sample(5, 2, true),
+            sample(1, 0, 0, false),
+            sample(2, 4, 0, false),
+            sample(3, 9, 4, true),
+            sample(4, 0, 0, true),
+            sample(5, 2, 0, true),
         ];
         let refs: Vec<&Sample> = samples.iter().collect();
         let s = summarise("leaky", &refs, 1, 2);
         assert_eq!((s.peak_close_wait, s.peak_fds), (9, 19));
         assert_eq!(s.first_emfile_s, Some(3));
-        assert_eq!(s.longest_close_wait_run, 2);
+        assert_eq!((s.first_lingering_s, s.peak_lingering), (Some(3), 4));
         assert!(table(&[s]).contains("after 3 s"));
+    }
+
+    #[test]
+    fn close_wait_in_consecutive_samples_is_not_lingering_unless_the_same_sockets() {
+        // Two different sockets each caught between FIN and close: the correct server's
+        // normal churn, which a count-based rule would have called a linger.
+        let samples = [sample(1, 1, 0, false), sample(2, 1, 0, false)];
+        let refs: Vec<&Sample> = samples.iter().collect();
+        let s = summarise("correct", &refs, 1, 2);
+        assert_eq!((s.first_lingering_s, s.peak_lingering), (None, 0));
     }
 }

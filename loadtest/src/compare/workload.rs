@@ -40,6 +40,8 @@ pub const UNREAD_BATCH: usize = 8;
 /// How long an unread-replies close waits for the first reply to arrive (so that the
 /// close finds unread data and resets) before closing anyway.
 pub const UNREAD_WAIT: Duration = Duration::from_millis(20);
+/// Clients acted on per poll turn for a passed deadline, so replies are read between sends.
+const DUE_PER_TURN: usize = 4;
 /// Longest `poll` sleep, so the stop flag is seen promptly even with no deadline near.
 const STOP_CHECK: Duration = Duration::from_millis(50);
 /// Length prefix plus op byte.
@@ -143,18 +145,25 @@ pub fn request(n: u64, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
     }
 }
 
-/// Start the clients of one server on one thread, running until `stop` or `deadline`.
-/// The thread returns an error only for a failure of the load test itself (its poll, or
-/// running out of its own fds), never for what the server does.
+/// Start the clients of one server on one thread (pinned to `cpu` if given), running until
+/// `stop` or `deadline`. The thread returns an error only for a failure of the load test
+/// itself (its poll, or running out of its own fds), never for what the server does.
 pub fn start(
     addr: SocketAddr,
     clients: usize,
     seed: u64,
+    cpu: Option<usize>,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
     deadline: Instant,
 ) -> thread::JoinHandle<io::Result<()>> {
     thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            // Only latency figures suffer without it (see `serve`), so go on unpinned.
+            if let Err(e) = crate::serve::pin_to_cpu(cpu) {
+                eprintln!("load test clients: cannot pin to cpu {cpu} ({e}); running unpinned");
+            }
+        }
         let now = Instant::now();
         let mut clients: Vec<Client> = (0..clients)
             .map(|i| {
@@ -167,6 +176,7 @@ pub fn start(
         let mut poll = Poll::new()?;
         let mut events = Events::with_capacity(clients.len().max(1) * 2);
         let mut ready = vec![false; clients.len()];
+        let mut cursor = 0;
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             if now >= deadline {
@@ -189,12 +199,28 @@ pub fn start(
                     *flag = true;
                 }
             }
-            let now = Instant::now();
+            // Replies first: edge-triggered, so a client with an event tries every operation
+            // until it would block, and no readiness is lost.
             for (i, client) in clients.iter_mut().enumerate() {
-                // Edge-triggered: a client with an event tries every operation until it would
-                // block, so no readiness is lost; the others only act on a passed deadline.
-                if std::mem::take(&mut ready[i]) || client.deadline() <= now {
-                    client.advance(poll.registry(), Token(i), addr, now, &tally)?;
+                if std::mem::take(&mut ready[i]) {
+                    client.advance(poll.registry(), Token(i), addr, Instant::now(), &tally)?;
+                }
+            }
+            // Then a few clients whose time has come (mostly: send the next request). The
+            // millisecond poll timer makes many come due at once; sending them all before
+            // reading again would put that whole batch into every request's latency. The
+            // rest are due still, so the next poll does not sleep; the cursor keeps it fair.
+            let now = Instant::now();
+            let mut served = 0;
+            for step in 0..clients.len() {
+                let i = (cursor + step) % clients.len();
+                if served == DUE_PER_TURN {
+                    cursor = i;
+                    break;
+                }
+                if clients[i].deadline() <= now {
+                    clients[i].advance(poll.registry(), Token(i), addr, now, &tally)?;
+                    served += 1;
                 }
             }
         }
