@@ -106,7 +106,19 @@ pub fn tcp_rows(pid: u32) -> io::Result<Vec<TcpRow>> {
                 .filter(|row| inodes.contains(&row.inode)),
         );
     }
-    Ok(rows)
+    Ok(first_row_per_socket(rows))
+}
+
+/// Keep one row per socket (inode). The kernel prints `/proc/net/tcp` a page at a time and
+/// resumes each page by position within a hash bucket, so while sockets open and close (any
+/// busy host) a row can be printed more than once: during `loadtest compare` most reads
+/// held duplicates, one CLOSE_WAIT socket eight times. Without this a count could exceed
+/// the process's fds.
+fn first_row_per_socket(rows: Vec<TcpRow>) -> Vec<TcpRow> {
+    let mut seen = HashSet::new();
+    rows.into_iter()
+        .filter(|row| seen.insert(row.inode))
+        .collect()
 }
 
 /// Count of `pid`'s TCP sockets in each state, as `(state, count)` pairs.
@@ -207,6 +219,22 @@ Max locked memory         8388608              8388608              bytes
             "Max open files            unlimited            unlimited            files\n";
         assert_eq!(parse_nofile_limit(unlimited), Some((None, None)));
         assert_eq!(parse_nofile_limit("Max processes 1 1 processes\n"), None);
+    }
+
+    #[test]
+    fn a_socket_printed_twice_while_the_table_changed_counts_once() {
+        // Recorded during `loadtest compare`: the same CLOSE_WAIT socket (inode 9213969) at
+        // two places of one read of /proc/net/tcp.
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+4816: 0100007F:A9A3 0100007F:DC36 08 00000000:00000000 00:00000000 00000000     0        0 9213969 1 0000000080f6499f 20 4 30 18 -1
+4817: 0100007F:A9A3 0100007F:DC38 08 00000000:00000000 00:00000000 00000000     0        0 9213970 1 0000000080f6499f 20 4 30 18 -1
+4823: 0100007F:A9A3 0100007F:DC36 08 00000000:00000000 00:00000000 00000000     0        0 9213969 1 0000000080f6499f 20 4 30 18 -1
+";
+        let rows = first_row_per_socket(parse_tcp_table(table));
+        assert_eq!(
+            rows.iter().map(|r| r.inode).collect::<Vec<_>>(),
+            vec![9213969, 9213970]
+        );
     }
 
     #[test]
