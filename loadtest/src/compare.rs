@@ -451,6 +451,8 @@ fn close_wait_of(servers: &[ServerProcess]) -> io::Result<Vec<HashSet<u64>>> {
                 .map(|row| row.inode),
         );
     }
+    // Into sets: under churn the kernel can print one socket's row more than once per read
+    // (see `procfs::tcp_rows`), and a socket must count once.
     Ok(inodes
         .iter()
         .map(|own| {

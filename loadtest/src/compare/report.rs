@@ -178,6 +178,9 @@ fn draw(path: &Path, samples: &[Sample], nofile: u64) -> Result<(), Box<dyn std:
         .configure_mesh()
         .x_desc("seconds since the load started")
         .y_desc("count")
+        // Seconds and counts are whole numbers; plotters would print "1000.0".
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
     let series: [Series; 4] = [
         ("leaky", "leaky: open fds", |s| s.fds, RGBColor(200, 30, 30)),
