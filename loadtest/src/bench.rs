@@ -280,9 +280,17 @@ fn measure(
 }
 
 fn push_cpu(m: &mut Vec<(&'static str, f64)>, w: &load::Window, per_cpu: &'static str) {
-    m.push(("server_cpu_cores", w.server_cpu / w.secs));
-    if w.server_cpu > 0.0 {
-        m.push((per_cpu, w.count as f64 / w.server_cpu));
+    let cpu = w.server_cpu.total();
+    m.push(("server_cpu_cores", cpu / w.secs));
+    if cpu > 0.0 {
+        m.push((per_cpu, w.count as f64 / cpu));
+    }
+    if w.count > 0 {
+        // Where a request's cost goes: what the server's own code can change (user) and the
+        // syscalls and TCP work beneath it (system), which no server code can avoid.
+        let ns = |secs: f64| secs * 1e9 / w.count as f64;
+        m.push(("server_user_ns_per_op", ns(w.server_cpu.user)));
+        m.push(("server_system_ns_per_op", ns(w.server_cpu.system)));
     }
     m.push(("gen_cpu_cores", w.gen_cpu / w.secs));
     m.push(("other_cpu_cores", w.other_cpu / w.secs));

@@ -1,6 +1,7 @@
 //! `loadtest bench --quick` runs end to end: exit 0, bench.md and bench.csv written, rows for
-//! every server, and churn leaves each server's fd count where it started. No timing
-//! assertions: the numbers depend on the machine.
+//! every server, churn leaves each server's fd count where it started, and the user/kernel
+//! split of the server's CPU adds up to its total. No timing assertions: the numbers depend
+//! on the machine.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -43,6 +44,36 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
                 "no {fig} row for {name} in\n{csv}"
             );
         }
+    }
+    // The split rows must account for the same CPU time as the per-CPU-second figure, or
+    // the "where the CPU goes" reading in docs/performance.md would rest on nothing.
+    let (user, system) = (col("server_user_ns_per_op"), col("server_system_ns_per_op"));
+    for r in rows
+        .iter()
+        .filter(|r| r[figure] != "idle-memory" && r[figure] != "close-storm")
+    {
+        let per_cpu = if r[figure] == "churn" {
+            col("conns_per_server_cpu_s")
+        } else {
+            col("req_per_server_cpu_s")
+        };
+        let num = |i: usize| -> f64 {
+            r[i].parse().unwrap_or_else(|_| {
+                panic!(
+                    "{} {}: column {} is {:?}",
+                    r[server], r[figure], header[i], r[i]
+                )
+            })
+        };
+        let (u, s, ops_per_cpu_s) = (num(user), num(system), num(per_cpu));
+        assert!(u >= 0.0 && s > 0.0, "{r:?}");
+        let total_ns = 1e9 / ops_per_cpu_s;
+        assert!(
+            ((u + s) - total_ns).abs() <= total_ns * 1e-6,
+            "{} {}: user {u} + system {s} ns per op is not the total {total_ns}",
+            r[server],
+            r[figure]
+        );
     }
     for r in rows.iter().filter(|r| r[figure] == "churn") {
         assert!(!r[fd_start].is_empty(), "churn row without fd_start: {r:?}");

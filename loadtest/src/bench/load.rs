@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::server::{cpu_seconds, machine_busy_seconds, own_cpu_seconds};
+use super::server::{cpu_split, machine_busy_seconds, own_cpu_seconds, CpuSplit};
 
 /// A request/response load: `conns` persistent connections, `depth` requests in flight on
 /// each (1 = ping-pong), ECHO of `payload` bytes.
@@ -37,8 +37,8 @@ pub struct Window {
     pub count: u64,
     /// Window length in seconds (measured, not nominal).
     pub secs: f64,
-    /// CPU seconds the server used in the window (utime + stime, all threads).
-    pub server_cpu: f64,
+    /// CPU seconds the server used in the window (all threads), user and system.
+    pub server_cpu: CpuSplit,
     /// CPU seconds this generator used in the window.
     pub gen_cpu: f64,
     /// Busy CPU seconds of the whole machine in the window that neither the server nor the
@@ -51,7 +51,7 @@ struct Clock {
     pid: u32,
     begin: Instant,
     end: Instant,
-    started: Option<(Instant, f64, f64, f64)>,
+    started: Option<(Instant, CpuSplit, f64, f64)>,
 }
 
 impl Clock {
@@ -70,7 +70,7 @@ impl Clock {
         if self.started.is_none() && now >= self.begin {
             self.started = Some((
                 now,
-                cpu_seconds(self.pid)?,
+                cpu_split(self.pid)?,
                 own_cpu_seconds()?,
                 machine_busy_seconds()?,
             ));
@@ -98,7 +98,7 @@ impl Clock {
         let (t0, s0, g0, b0) = self
             .started
             .ok_or_else(|| io::Error::other("the window never started"))?;
-        let server_cpu = cpu_seconds(self.pid)? - s0;
+        let server_cpu = cpu_split(self.pid)? - s0;
         let gen_cpu = own_cpu_seconds()? - g0;
         let busy = machine_busy_seconds()? - b0;
         Ok(Window {
@@ -106,7 +106,7 @@ impl Clock {
             secs: now.duration_since(t0).as_secs_f64(),
             server_cpu,
             gen_cpu,
-            other_cpu: (busy - server_cpu - gen_cpu).max(0.0),
+            other_cpu: (busy - server_cpu.total() - gen_cpu).max(0.0),
         })
     }
 }

@@ -49,6 +49,8 @@ pub const COLUMNS: &[&str] = &[
     "req_per_server_cpu_s",
     "conns_per_s",
     "conns_per_server_cpu_s",
+    "server_user_ns_per_op",
+    "server_system_ns_per_op",
     "server_cpu_cores",
     "gen_cpu_cores",
     "other_cpu_cores",
@@ -88,6 +90,16 @@ const TABLE: &[(Figure, &str, &str)] = &[
     ),
     (
         Figure::PingPong,
+        "server_user_ns_per_op",
+        "server CPU in user space per request, ns (lower is better)",
+    ),
+    (
+        Figure::PingPong,
+        "server_system_ns_per_op",
+        "server CPU in the kernel per request, ns (lower is better)",
+    ),
+    (
+        Figure::PingPong,
         "gen_cpu_cores",
         "generator CPU, cores busy",
     ),
@@ -110,6 +122,16 @@ const TABLE: &[(Figure, &str, &str)] = &[
         Figure::Pipelined,
         "req_per_server_cpu_s",
         "requests per server CPU-second (higher is better)",
+    ),
+    (
+        Figure::Pipelined,
+        "server_user_ns_per_op",
+        "server CPU in user space per request, ns (lower is better)",
+    ),
+    (
+        Figure::Pipelined,
+        "server_system_ns_per_op",
+        "server CPU in the kernel per request, ns (lower is better)",
     ),
     (
         Figure::Pipelined,
@@ -161,6 +183,16 @@ const TABLE: &[(Figure, &str, &str)] = &[
         Figure::Churn,
         "conns_per_server_cpu_s",
         "connections per server CPU-second",
+    ),
+    (
+        Figure::Churn,
+        "server_user_ns_per_op",
+        "server CPU in user space per connection, ns (lower is better)",
+    ),
+    (
+        Figure::Churn,
+        "server_system_ns_per_op",
+        "server CPU in the kernel per connection, ns (lower is better)",
     ),
     (Figure::Churn, "gen_cpu_cores", "generator CPU, cores busy"),
     (

@@ -208,18 +208,47 @@ pub fn clock_ticks() -> f64 {
     }
 }
 
-/// CPU seconds (user + system, all threads) that `pid` has used, from `/proc/PID/stat`.
-/// Resolution: one clock tick (10 ms with the usual USER_HZ of 100).
-pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
-    cpu_seconds_of(&format!("/proc/{pid}/stat"))
+/// CPU time of a process split by where it ran, in seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuSplit {
+    /// In user space (`utime`): the server's own code and its libraries.
+    pub user: f64,
+    /// In the kernel on its behalf (`stime`): syscalls, and for loopback TCP also the
+    /// receive processing of the packets it sends, which runs in the sender's context.
+    pub system: f64,
+}
+
+impl CpuSplit {
+    /// User plus system.
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for CpuSplit {
+    type Output = CpuSplit;
+    fn sub(self, earlier: CpuSplit) -> CpuSplit {
+        CpuSplit {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+/// CPU seconds (all threads) that `pid` has used, from `/proc/PID/stat`, split into user and
+/// system time. Resolution: one clock tick (10 ms with the usual USER_HZ of 100). The kernel
+/// samples the split at each tick and scales it to the exact total, so over a window of a few
+/// hundred ticks the shares are good to a few percent.
+pub fn cpu_split(pid: u32) -> io::Result<CpuSplit> {
+    cpu_split_of(&format!("/proc/{pid}/stat"))
 }
 
 /// CPU seconds this process (the generator) has used.
 pub fn own_cpu_seconds() -> io::Result<f64> {
-    cpu_seconds_of("/proc/self/stat")
+    cpu_split_of("/proc/self/stat").map(|c| c.total())
 }
 
-fn cpu_seconds_of(path: &str) -> io::Result<f64> {
+fn cpu_split_of(path: &str) -> io::Result<CpuSplit> {
     let text = std::fs::read_to_string(path)?;
     // The command name (field 2) is in parentheses and may contain spaces: split after it.
     let rest = text
@@ -235,7 +264,11 @@ fn cpu_seconds_of(path: &str) -> io::Result<f64> {
             .map(|v| v as f64)
             .ok_or_else(|| io::Error::other("malformed stat"))
     };
-    Ok((parse(11)? + parse(12)?) / clock_ticks())
+    let ticks = clock_ticks();
+    Ok(CpuSplit {
+        user: parse(11)? / ticks,
+        system: parse(12)? / ticks,
+    })
 }
 
 /// Resident set size of `pid` in bytes (`VmRSS` in `/proc/PID/status`).
@@ -288,26 +321,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_seconds_are_utime_plus_stime_even_when_the_name_has_spaces_and_parens() {
+    fn cpu_split_is_utime_and_stime_even_when_the_name_has_spaces_and_parens() {
         // A recorded /proc/PID/stat line whose comm is "(a b) c": fields 14 and 15 are 250, 50.
         let line = "4242 ((a b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 \
                     12345 1000000 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n";
         let path = std::env::temp_dir().join(format!("bench-stat-{}", std::process::id()));
         std::fs::write(&path, line).unwrap();
-        let secs = cpu_seconds_of(path.to_str().unwrap()).unwrap();
+        let split = cpu_split_of(path.to_str().unwrap()).unwrap();
         std::fs::remove_file(&path).unwrap();
+        let ticks = clock_ticks();
         assert!(
-            (secs - 300.0 / clock_ticks()).abs() < 1e-9,
-            "expected 300 ticks, got {secs} s at {} ticks/s",
-            clock_ticks()
+            (split.user - 250.0 / ticks).abs() < 1e-9 && (split.system - 50.0 / ticks).abs() < 1e-9,
+            "expected 250 user and 50 system ticks, got {split:?} at {ticks} ticks/s"
         );
+        assert!((split.total() - 300.0 / ticks).abs() < 1e-9);
     }
 
     #[test]
     fn a_truncated_stat_line_is_an_error_not_a_zero() {
         let path = std::env::temp_dir().join(format!("bench-stat-short-{}", std::process::id()));
         std::fs::write(&path, "4242 (x) S 1 2 3\n").unwrap();
-        let result = cpu_seconds_of(path.to_str().unwrap());
+        let result = cpu_split_of(path.to_str().unwrap());
         std::fs::remove_file(&path).unwrap();
         assert!(result.is_err(), "{result:?}");
     }
