@@ -52,7 +52,8 @@
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
-//! `template.md` (your service), `loadtest.md` and `performance.md` (the numbers).
+//! `template.md` (your service), `operations.md` (running it), `loadtest.md` and
+//! `performance.md` (the numbers).
 #![deny(missing_docs)]
 
 pub mod cli;
