@@ -2,6 +2,8 @@
 //! README.md and docs/*.md at test time (so an edited doc is tested as edited), runs the
 //! unattended ones against real servers on 127.0.0.1 port 0 (substituting the port and PID the
 //! docs show), and fails on any command it neither runs nor lists with a reason for not running.
+//! The `cargo run` commands (README.md's among them) run in `.ci/docs-commands` instead: cargo
+//! holds its build lock while tests run.
 //!
 //! Needs `python3`, `ss`, `lsof` and `prlimit` on the PATH, like the docs do.
 
@@ -392,7 +394,7 @@ fn diagnose_commands_run_against_a_leaky_server() {
     );
     ledger.not_run(
         "cargo run --release -p loadtest -- watch",
-        "no cargo inside cargo test (and the subcommand belongs to the loadtest crate)",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written against a live server",
     );
     let server = Server::start(&["--leaky"]);
     let (pid, port) = (server.pid().to_string(), server.addr.port().to_string());
@@ -530,8 +532,8 @@ fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
     let mut template = Ledger::new("docs/template.md");
     template.not_run(
         "cargo run --release --example counter",
-        "no cargo inside cargo test; the example binary is run by tests/example_counter.rs \
-         and template_snippet_talks_to_the_counter_example",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written, and the example \
+         binary is run by tests/example_counter.rs and template_snippet_talks_to_the_counter_example",
     );
     template.finish();
     for doc in ["docs/close-wait.md", "docs/architecture.md"] {
