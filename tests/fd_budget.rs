@@ -169,6 +169,54 @@ fn emfile_after_the_limit_is_lowered_backs_off_without_spinning_and_recovers() {
     server.wait_for_log("accepting again");
 }
 
+/// The back-off alone would also recover (the test above passes without retry-on-close), so
+/// this one closes a connection just after a back-off retry, when the next one is a whole
+/// second away: only the retry on close can serve the waiting client well before that.
+#[test]
+fn a_close_during_the_emfile_back_off_retries_accept_at_once() {
+    let server = Server::start_with_nofile(256, &[]);
+    let mut served: Vec<Client> = (0..3).map(|_| server.connect()).collect();
+    for client in &mut served {
+        client.ping();
+    }
+    let fds = server.lowest_free_fd();
+    let status = Command::new("prlimit")
+        .args([
+            "--pid",
+            &server.pid().to_string(),
+            &format!("--nofile={fds}:{fds}"),
+        ])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success());
+    let mut late = Waiting::connect(server.addr, 1);
+    // 5 ms doubling: the 9th failed accept (at ~1.3 s) sets the back-off to its 1 s maximum.
+    let mut failures = || served[0].stats()["emfile_events"];
+    assert!(
+        wait_until(WAIT, || failures() >= 9),
+        "back-off never reached its maximum"
+    );
+    let seen = failures();
+    // Catch the moment of a back-off retry (one more failure): the next is 1 s away.
+    assert!(
+        wait_until(Duration::from_secs(3), || failures() > seen),
+        "no back-off retry within 3 s"
+    );
+    assert_eq!(late.served(), 0, "served while accept was failing");
+    let closed_at = Instant::now();
+    served.truncate(1);
+    assert!(
+        wait_until(WAIT, || late.served() == 1),
+        "waiting client never served"
+    );
+    let waited = closed_at.elapsed();
+    assert!(
+        waited < Duration::from_millis(500),
+        "waiting client served {waited:?} after a close: by the 1 s back-off timer, not by \
+         the retry a close must trigger"
+    );
+}
+
 #[test]
 fn idle_timeout_closes_idle_and_half_sent_connections_and_keeps_busy_ones() {
     let server = Server::start(&["--idle-timeout", "1"]);
