@@ -149,3 +149,68 @@ fn leaky_variant_leaves_every_peer_close_in_close_wait() {
     let stats = server.connect().stats();
     assert_eq!((stats["leaked"], stats["closed_eof"]), (20, 0), "{stats:?}");
 }
+
+/// The loop's one close path (`Worker::reap`) counts each ended connection exactly once,
+/// under its reason: clean closes, resets, protocol errors and idle timeouts, mixed.
+#[test]
+fn every_ended_connection_is_counted_once_under_its_reason() {
+    let server = Server::start(&["--idle-timeout", "1"]);
+    let baseline = server.fds();
+    let mut observer = server.connect();
+    observer.ping();
+    let (eof, reset, protocol, idle) = (12, 8, 6, 4);
+    for _ in 0..eof {
+        let mut client = server.connect();
+        client.ping();
+        drop(client);
+    }
+    for _ in 0..reset {
+        let mut client = server.connect();
+        client.ping();
+        client.reset();
+    }
+    for _ in 0..protocol {
+        let mut client = server.connect();
+        client.send_raw(&[0, 0, 0, 0]);
+        assert_eq!(client.recv().map(|(op, _)| op), Some(ERROR));
+        assert!(client.at_eof(), "no close after a zero-length frame");
+    }
+    let mut silent: Vec<Client> = (0..idle).map(|_| server.connect()).collect();
+    for client in &mut silent {
+        client.ping();
+    }
+    // The observer's STATS requests keep it busy, so only the silent ones go idle.
+    let mut stats = observer.stats();
+    assert!(
+        wait_until(WAIT, || {
+            stats = observer.stats();
+            stats["active"] == 1 && stats["closed_idle"] == idle
+        }),
+        "{stats:?}"
+    );
+    server.wait_for_fds(baseline + 1);
+    let closed: u64 = stats
+        .iter()
+        .filter(|(name, _)| name.starts_with("closed_"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        stats["accepted"],
+        1 + eof + reset + protocol + idle,
+        "{stats:?}"
+    );
+    assert_eq!(closed, stats["accepted"] - stats["active"], "{stats:?}");
+    assert_eq!(
+        (
+            stats["closed_eof"],
+            stats["closed_reset"],
+            stats["closed_protocol"],
+            stats["closed_idle"]
+        ),
+        (eof, reset, protocol, idle),
+        "{stats:?}"
+    );
+    for client in &mut silent {
+        assert!(client.at_eof(), "an idle connection was not closed");
+    }
+}
