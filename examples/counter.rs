@@ -113,3 +113,92 @@ fn main() -> ExitCode {
         }
     }))
 }
+
+/// Unit tests of the service alone, without a socket or a server: `call` writes reply frames
+/// into a `Vec` through `Reply::new`, and `frame::decode` reads them back. This is the
+/// cheapest place to test what your ops mean; tests/example_counter.rs tests the same
+/// service over TCP.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use closewait::frame::{self, Decoded};
+    use closewait::service::{ERROR, PING_REPLY};
+    use closewait::stats::Stats;
+
+    /// Run one request body through `call`; the replies as (op, data).
+    fn call(service: &mut Counter, request: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let stats = Stats::default();
+        let cx = Context {
+            peer: "127.0.0.1:9".parse().unwrap(),
+            stats: &stats,
+        };
+        let mut out = Vec::new();
+        service.call(request, &mut Reply::new(&mut out), &cx);
+        let mut replies = Vec::new();
+        let mut rest = &out[..];
+        while !rest.is_empty() {
+            let Decoded::Frame { body, used } = frame::decode(rest, usize::MAX) else {
+                panic!("call wrote a partial or invalid frame: {out:?}");
+            };
+            replies.push((body[0], body[1..].to_vec()));
+            rest = &rest[used..];
+        }
+        replies
+    }
+
+    fn request(op: u8, name: &[u8]) -> Vec<u8> {
+        [&[op], name].concat()
+    }
+
+    #[test]
+    fn incr_counts_per_name_and_get_reads_without_counting() {
+        let mut service = Counter {
+            counters: Counters::default(),
+        };
+        for expected in 1..=3u64 {
+            assert_eq!(
+                call(&mut service, &request(INCR, b"a")),
+                [(INCR_REPLY, expected.to_be_bytes().to_vec())]
+            );
+        }
+        assert_eq!(
+            call(&mut service, &request(GET, b"a")),
+            [(GET_REPLY, 3u64.to_be_bytes().to_vec())]
+        );
+        assert_eq!(
+            call(&mut service, &request(GET, b"never")),
+            [(GET_REPLY, 0u64.to_be_bytes().to_vec())]
+        );
+    }
+
+    #[test]
+    fn workers_share_the_counters() {
+        let counters = Counters::default();
+        let mut first = Counter {
+            counters: counters.clone(),
+        };
+        let mut second = Counter { counters };
+        call(&mut first, &request(INCR, b"hits"));
+        assert_eq!(
+            call(&mut second, &request(INCR, b"hits")),
+            [(INCR_REPLY, 2u64.to_be_bytes().to_vec())]
+        );
+    }
+
+    #[test]
+    fn bad_names_and_unknown_ops_get_one_error_each_and_reference_ops_still_work() {
+        let mut service = Counter {
+            counters: Counters::default(),
+        };
+        for bad in [
+            request(INCR, b""),
+            request(GET, &[b'x'; MAX_NAME + 1]),
+            vec![0x7f],
+        ] {
+            let replies = call(&mut service, &bad);
+            assert_eq!(replies.len(), 1, "{replies:?}");
+            assert_eq!(replies[0].0, ERROR, "{replies:?}");
+        }
+        assert_eq!(call(&mut service, &[PING]), [(PING_REPLY, vec![])]);
+    }
+}
