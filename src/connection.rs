@@ -491,3 +491,145 @@ fn want_len(buf: &[u8]) -> usize {
         .expect("caller checked the length");
     HEADER_LEN + u32::from_be_bytes(header) as usize
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::net::{Shutdown, TcpListener};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use mio::{Events, Interest, Poll, Token};
+
+    use crate::service::{Reference, PING, PING_REPLY};
+
+    /// Upper bound on every wait in these tests.
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A connection over loopback (server side, non-blocking as the loop makes it) and its
+    /// blocking peer.
+    fn pair() -> (Connection, std::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, addr) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        (Connection::new(TcpStream::from_std(accepted), addr), peer)
+    }
+
+    /// What the loop owns and lends to handlers through [`Io`].
+    struct Parts {
+        input: Vec<u8>,
+        output: Vec<u8>,
+        service: Reference,
+        stats: Stats,
+        warn: Throttle,
+    }
+
+    impl Parts {
+        /// A read buffer of `input` bytes, so the read budget is `READS_PER_TURN * input`.
+        fn new(input: usize) -> Parts {
+            Parts {
+                input: vec![0; input],
+                output: Vec::with_capacity(4096),
+                service: Reference,
+                stats: Stats::default(),
+                warn: Throttle::default(),
+            }
+        }
+
+        fn io(&mut self) -> Io<'_, Reference> {
+            Io {
+                input: &mut self.input,
+                output: &mut self.output,
+                service: &mut self.service,
+                stats: &self.stats,
+                warn: &mut self.warn,
+                max_frame: 1 << 20,
+                max_pending_output: 1 << 20,
+                eof_policy: EofPolicy::Close,
+            }
+        }
+    }
+
+    /// Wait until `len` bytes are readable on the server side, without consuming them.
+    fn wait_buffered(conn: &mut Connection, len: usize) {
+        let deadline = Instant::now() + WAIT;
+        let mut buf = vec![0; len + 1];
+        loop {
+            match conn.stream_mut().peek(&mut buf) {
+                Ok(n) if n >= len => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("peek: {e}"),
+            }
+            assert!(Instant::now() < deadline, "{len} bytes never arrived");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Guards the read budget: input left in the socket when the budget is spent must come
+    /// back as `Step::Again`, since edge-triggered epoll will not signal it again.
+    #[test]
+    fn spent_read_budget_with_input_left_asks_to_be_called_again() {
+        let (mut conn, mut peer) = pair();
+        let mut parts = Parts::new(64);
+        let budget = READS_PER_TURN * parts.input.len();
+        let pings = 4 * budget / 5 + 1;
+        let ping: &[u8] = &[0, 0, 0, 1, PING];
+        peer.write_all(&ping.repeat(pings)).unwrap();
+        wait_buffered(&mut conn, pings * ping.len());
+
+        let mut io = parts.io();
+        assert_eq!(conn.on_event(&mut io, true, false, false), Step::Again);
+        // The loop's retry after `Again`: no new event, called as readable.
+        let mut retries = 0;
+        while conn.on_event(&mut io, true, false, false) == Step::Again {
+            retries += 1;
+            assert!(retries < 100, "never drained");
+        }
+        assert!(
+            retries >= 3,
+            "only {retries} retries for 4 budgets of input"
+        );
+        assert!(!conn.has_pending_output());
+        assert_eq!(io.stats.get(Counter::Requests), pings as u64);
+
+        conn.stream_mut().shutdown(Shutdown::Write).unwrap();
+        peer.set_read_timeout(Some(WAIT)).unwrap();
+        let mut replies = Vec::new();
+        peer.read_to_end(&mut replies).unwrap();
+        assert_eq!(replies, [0, 0, 0, 1, PING_REPLY].repeat(pings));
+    }
+
+    /// Guards the error flag: an event with `error` set (the peer's RST) closes at once
+    /// as `Reset`, without waiting for a read or write to fail.
+    #[test]
+    fn error_event_after_peer_reset_closes_as_reset() {
+        let (mut conn, peer) = pair();
+        let mut poll = Poll::new().unwrap();
+        poll.registry()
+            .register(conn.stream_mut(), Token(0), Interest::READABLE)
+            .unwrap();
+        socket2::SockRef::from(&peer)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(peer);
+
+        // Wait for the error readiness the loop would see (take_error would consume it).
+        let deadline = Instant::now() + WAIT;
+        let mut events = Events::with_capacity(8);
+        while !events.iter().any(|e| e.is_error()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no error event after the peer's reset");
+            poll.poll(&mut events, Some(left)).unwrap();
+        }
+
+        let mut parts = Parts::new(64);
+        let mut io = parts.io();
+        assert_eq!(
+            conn.on_event(&mut io, false, false, true),
+            Step::Close(CloseReason::Reset)
+        );
+    }
+}

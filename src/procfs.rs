@@ -257,6 +257,9 @@ Max locked memory         8388608              8388608              bytes
             let after = open_fds(pid).unwrap();
             with == before + 1 && after == before
         });
-        assert!(exact, "one more open file never counted as exactly one more fd");
+        assert!(
+            exact,
+            "one more open file never counted as exactly one more fd"
+        );
     }
 }

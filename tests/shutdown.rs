@@ -5,10 +5,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use closewait::{Config, Server as Embedded};
+use closewait::service::Reference;
+use closewait::{Config, Context, Reply, Server as Embedded, Service};
 use common::*;
 
 #[test]
@@ -103,4 +106,78 @@ fn embedded_server_serves_and_stops_from_another_thread() {
     );
     thread.join().unwrap().expect("run returns Ok");
     assert!(TcpStream::connect(addr).is_err(), "listener closed");
+}
+
+/// The reference service, except that op [`HOLD`] keeps the event loop busy until released:
+/// a way to have requests arrive while the loop is not reading.
+struct Holding {
+    entered: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+}
+
+const HOLD: u8 = 0x7e;
+
+impl Service for Holding {
+    fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
+        if request[0] == HOLD {
+            self.entered.store(true, Ordering::SeqCst);
+            let until = Instant::now() + WAIT;
+            while !self.release.load(Ordering::SeqCst) && Instant::now() < until {
+                thread::sleep(Duration::from_millis(1));
+            }
+            reply.send(PING_REPLY, b"");
+        } else {
+            Reference.call(request, reply, cx);
+        }
+    }
+}
+
+/// Requests that reached the socket but were not read yet when the stop came are still
+/// answered: `begin_shutdown` reads them (bounded) before it drains. Here they arrive while
+/// the loop is held inside a request, so no readiness event can have read them first.
+#[test]
+fn shutdown_answers_requests_that_arrived_but_were_not_yet_read() {
+    let (entered, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let service = {
+        let (entered, release) = (entered.clone(), release.clone());
+        move || Holding {
+            entered: entered.clone(),
+            release: release.clone(),
+        }
+    };
+    let server = Embedded::with_service(config, service).expect("bind");
+    let addr = server.local_addr();
+    let handle = server.handle();
+    let thread = thread::spawn(move || server.run());
+    let mut waiting = Client::connect(addr);
+    waiting.ping(); // accepted and registered
+    let mut holder = Client::connect(addr);
+    holder.send(HOLD, b"");
+    assert!(
+        wait_until(WAIT, || entered.load(Ordering::SeqCst)),
+        "the loop never ran the HOLD request"
+    );
+    let batch: Vec<u8> = (0..100u32)
+        .flat_map(|i| frame(ECHO, &i.to_be_bytes()))
+        .collect();
+    waiting.send_raw(&batch);
+    handle.shutdown();
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(holder.recv(), Some((PING_REPLY, vec![])));
+    for i in 0..100u32 {
+        assert_eq!(
+            waiting.recv(),
+            Some((ECHO_REPLY, i.to_be_bytes().to_vec())),
+            "reply {i} of the requests sent before the stop"
+        );
+    }
+    assert_eq!(waiting.recv(), None, "closed after its replies");
+    thread.join().unwrap().expect("run returns Ok");
 }
