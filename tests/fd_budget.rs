@@ -303,6 +303,85 @@ fn flood_without_reading_keeps_memory_bounded_and_every_reply_arrives() {
     writer.join().unwrap();
 }
 
+/// An idle connection owns no buffer: the output buffer a reply was written into goes back
+/// to the loop (or is freed) once sent, so 200 connections that each got a 64 KiB reply
+/// and went quiet cost the server next to nothing.
+#[test]
+fn connections_idle_after_a_large_reply_hold_no_output_buffer() {
+    let server = Server::start(&[]);
+    let mut first = server.connect();
+    first.echo(&[1; 64 * 1024]); // the loop's own buffers grow once, here
+    let rss_before = server.rss_kib();
+    let clients: Vec<Client> = (0..200)
+        .map(|_| {
+            let mut client = server.connect();
+            client.echo(&[2; 64 * 1024]);
+            client
+        })
+        .collect();
+    let grown = server.rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 4 * 1024,
+        "RSS grew by {grown} KiB for 200 idle connections (64 KiB each would be 12800)"
+    );
+    drop(clients);
+}
+
+/// A frame's announced length is not reserved up front: a peer that sends the header of a
+/// 512 KiB frame and 4 KiB of its body makes us hold 4 KiB, not 512 KiB (else 200 such
+/// peers would make the server reserve 100 MiB by sending 800 KiB).
+#[test]
+fn an_announced_length_is_not_reserved_before_the_bytes_arrive() {
+    let server = Server::start(&[]);
+    server.connect().ping(); // start-up allocations done
+    let data_before = server.vm_data_kib();
+    let big = frame(ECHO, &[3; 1 << 19]);
+    let clients: Vec<Client> = (0..200)
+        .map(|_| {
+            let mut client = server.connect();
+            client.send_raw(&big[..4 + 4096]);
+            client
+        })
+        .collect();
+    assert!(
+        wait_until(WAIT, || server.unread_input() == 0),
+        "the server never read the partial frames"
+    );
+    let grown = server.vm_data_kib().saturating_sub(data_before);
+    assert!(
+        grown < 16 * 1024,
+        "data segment grew by {grown} KiB for 200 unfinished frames of 4 KiB"
+    );
+    drop(clients);
+}
+
+/// A write-stall close is an RST (SO_LINGER 0), so the kernel drops the replies we could
+/// not deliver instead of holding them, and their memory, for a peer that takes nothing.
+/// The peer here sent all its requests and the server read them all, so nothing unread
+/// would make the kernel send an RST on its own.
+#[test]
+fn a_write_stall_close_is_a_reset_that_drops_the_undelivered_replies() {
+    let server = Server::start(&["--idle-timeout", "1", "--max-pending-output", "67108864"]);
+    let baseline = server.fds();
+    let mut client = server.connect();
+    let batch: Vec<u8> = (0..256)
+        .flat_map(|_| frame(ECHO, &[5; 64 * 1024]))
+        .collect();
+    client.send_raw(&batch);
+    server.wait_for_fds(baseline);
+    let stats = server.connect().stats();
+    assert_eq!(stats["closed_write_stall"], 1, "{stats:?}");
+    client.stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut delivered = Vec::new();
+    let end = client.stream.read_to_end(&mut delivered);
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionReset),
+        "a clean EOF after {} bytes: the stalled replies were flushed, not dropped",
+        delivered.len()
+    );
+}
+
 #[test]
 fn when_full_reject_sends_server_full_and_closes() {
     let server = Server::start(&["--max-connections", "2", "--when-full", "reject"]);

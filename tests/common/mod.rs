@@ -139,6 +139,16 @@ impl Server {
             .sum()
     }
 
+    /// Bytes that reached the server's sockets but that it has not read yet (Recv-Q; for
+    /// the listener, connections not yet accepted).
+    pub fn unread_input(&self) -> u64 {
+        closewait::procfs::tcp_rows(self.pid())
+            .expect("read server tcp rows")
+            .iter()
+            .map(|r| r.rx_queue)
+            .sum()
+    }
+
     /// User + system CPU time of the server, in clock ticks (usually 10 ms).
     pub fn cpu_ticks(&self) -> u64 {
         let stat =
@@ -155,12 +165,22 @@ impl Server {
 
     /// Resident memory of the server, in KiB.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The server's data segment (heap included), in KiB: memory it reserved, touched or
+    /// not. Catches an allocation that RSS cannot show because nothing was written to it.
+    pub fn vm_data_kib(&self) -> u64 {
+        self.status_kib("VmData:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read status");
         let line = status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .expect("VmRSS line");
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} line"));
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
