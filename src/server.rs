@@ -638,6 +638,9 @@ impl<S: Service> Worker<S> {
                 .add(Counter::AcceptPausedMs, paused.as_millis() as u64);
             log::debug!("accepting again after {paused:?} at the cap");
         }
+        // Connections already queued raise no new edge. Re-registering the listener below
+        // happens to report them (epoll signals a ready fd when it is added), but accepting
+        // on our own does not depend on that, nor on pausing by deregistration.
         self.accept_pending = true;
         self.set_listening(true)
             .unwrap_or_else(|e| log::error!("cannot resume the listener: {e}"));
