@@ -117,7 +117,7 @@ fn main() -> ExitCode {
 /// Unit tests of the service alone, without a socket or a server: `call` writes reply frames
 /// into a `Vec` through `Reply::new`, and `frame::decode` reads them back. This is the
 /// cheapest place to test what your ops mean; tests/example_counter.rs tests the same
-/// service over TCP.
+/// service over TCP. `cargo test` runs these through tests/counter_service.rs.
 #[cfg(test)]
 mod tests {
     use super::*;
