@@ -610,3 +610,70 @@ fn report_markdown(
         lcw = leaky.peak_close_wait,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run that showed what it should: the correct server clean, the leaky one leaking.
+    fn healthy() -> (report::Summary, report::Summary) {
+        let base = report::Summary {
+            variant: "correct",
+            peak_fds: 74,
+            peak_close_wait: 1,
+            ok: 1000,
+            failed: 0,
+            connect_failed: 0,
+            sessions: 20,
+            p50_us: 70,
+            p99_us: 700,
+            first_emfile_s: None,
+            peak_lingering: 0,
+            first_lingering_s: None,
+            fds_after: 10,
+            close_wait_after: 0,
+        };
+        let leaky = report::Summary {
+            variant: "leaky",
+            peak_fds: 1024,
+            peak_close_wait: 1014,
+            failed: 30,
+            first_emfile_s: Some(8),
+            peak_lingering: 1014,
+            first_lingering_s: Some(2),
+            close_wait_after: 1014,
+            ..base.clone()
+        };
+        (base, leaky)
+    }
+
+    #[test]
+    fn a_run_that_shows_the_leak_and_the_fix_passes() {
+        let (correct, leaky) = healthy();
+        assert_eq!(judge(&correct, &leaky), Vec::<String>::new());
+    }
+
+    /// Each way the correct server can fail its promise, and the demo failing to leak, is a
+    /// problem of its own, so `compare` exits non-zero and says why.
+    #[test]
+    fn every_broken_promise_and_a_leaky_variant_that_did_not_leak_are_failures() {
+        let cases: [(&str, fn(&mut report::Summary, &mut report::Summary)); 6] = [
+            ("CLOSE_WAIT socket open for a whole sample", |c, _| {
+                c.first_lingering_s = Some(5);
+                c.peak_lingering = 1;
+            }),
+            ("failed 2 requests", |c, _| c.failed = 2),
+            ("and 1 connects", |c, _| c.connect_failed = 1),
+            ("CLOSE_WAIT sockets remained", |c, _| c.close_wait_after = 3),
+            ("Too many open files", |c, _| c.first_emfile_s = Some(4)),
+            ("the demo is broken", |_, l| l.peak_close_wait = 0),
+        ];
+        for (expected, breaks) in cases {
+            let (mut correct, mut leaky) = healthy();
+            breaks(&mut correct, &mut leaky);
+            let problems = judge(&correct, &leaky);
+            assert_eq!(problems.len(), 1, "{expected}: {problems:?}");
+            assert!(problems[0].contains(expected), "{expected}: {problems:?}");
+        }
+    }
+}
