@@ -657,7 +657,8 @@ mod tests {
     /// problem of its own, so `compare` exits non-zero and says why.
     #[test]
     fn every_broken_promise_and_a_leaky_variant_that_did_not_leak_are_failures() {
-        let cases: [(&str, fn(&mut report::Summary, &mut report::Summary)); 6] = [
+        type Break = fn(&mut report::Summary, &mut report::Summary);
+        let cases: [(&str, Break); 6] = [
             ("CLOSE_WAIT socket open for a whole sample", |c, _| {
                 c.first_lingering_s = Some(5);
                 c.peak_lingering = 1;
