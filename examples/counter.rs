@@ -14,7 +14,8 @@
 //! spreads connections over the workers, and a counter must not depend on which worker a
 //! client landed on. The lock is held for one hash-map update, never across I/O.
 //!
-//! Run it with every closewait flag (they are reused through `#[command(flatten)]`):
+//! Run it with every closewait server flag (`cli::ServerArgs`, reused through
+//! `#[command(flatten)]`; the demo's `--leaky` is not among them):
 //!
 //! ```sh
 //! cargo run --release --example counter -- --listen 127.0.0.1:0 --workers 2
@@ -94,12 +95,12 @@ impl Counter {
     }
 }
 
-/// `counter` command line: every `closewait` flag, nothing else.
+/// `counter` command line: every closewait server flag, nothing else.
 #[derive(Parser)]
 #[command(name = "counter", about = "A named-counter service on closewait")]
 struct CounterArgs {
     #[command(flatten)]
-    server: closewait::cli::Args,
+    server: closewait::cli::ServerArgs,
 }
 
 fn main() -> ExitCode {

@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum};
 use crate::config::{self, Config, EofPolicy, WhenFull};
 use crate::{Server, Service};
 
-/// `closewait` command-line flags. Every flag maps to one [`Config`] field.
+/// `closewait` command-line flags: the server's flags and the leaky demo switch.
 #[derive(Parser, Debug)]
 #[command(
     name = "closewait",
@@ -22,6 +22,19 @@ use crate::{Server, Service};
     about = "A TCP server that never leaks a socket in CLOSE_WAIT"
 )]
 pub struct Args {
+    /// Every flag of a production server.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// DEMO ONLY: reproduce the CLOSE_WAIT leak (never close on peer EOF, no cap, no idle timeout).
+    #[arg(long)]
+    pub leaky: bool,
+}
+
+/// The flags a service built on closewait reuses (flatten them into its own clap parser):
+/// every [`Config`] field an operator sets, and not the demo's `--leaky`, which has no place
+/// in a production service.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
     /// Address to listen on (port 0 = let the OS pick; the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
     pub listen: SocketAddr,
@@ -65,9 +78,6 @@ pub struct Args {
     /// Event-loop threads, each with its own SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
     pub workers: usize,
-    /// DEMO ONLY: reproduce the CLOSE_WAIT leak (never close on peer EOF, no cap, no idle timeout).
-    #[arg(long)]
-    pub leaky: bool,
 }
 
 /// `--when-full` values.
@@ -85,6 +95,21 @@ fn secs(n: u64) -> Option<Duration> {
 
 impl Args {
     /// The [`Config`] these flags describe (signals handled, as a process should).
+    pub fn to_config(&self) -> Config {
+        Config {
+            eof_policy: if self.leaky {
+                EofPolicy::Leak
+            } else {
+                EofPolicy::Close
+            },
+            ..self.server.to_config()
+        }
+    }
+}
+
+impl ServerArgs {
+    /// The [`Config`] these flags describe: signals handled, as a process should, and
+    /// `tcp_user_timeout` following the idle timeout unless given.
     pub fn to_config(&self) -> Config {
         let idle_timeout = secs(self.idle_timeout);
         Config {
@@ -105,11 +130,7 @@ impl Args {
             drain_timeout: Duration::from_secs(self.drain_timeout),
             workers: self.workers,
             handle_signals: true,
-            eof_policy: if self.leaky {
-                EofPolicy::Leak
-            } else {
-                EofPolicy::Close
-            },
+            eof_policy: EofPolicy::Close,
         }
     }
 }
@@ -137,6 +158,9 @@ where
 /// `listening on IP:PORT` to stdout, serve until SIGINT/SIGTERM, map the outcome to an exit
 /// code. A service built on closewait calls this with its own `Server::with_service(..)`.
 pub fn serve<S: Service + 'static>(server: std::io::Result<Server<S>>) -> ExitCode {
+    // Call init_logging before building the server to see its start-up lines too; this one
+    // makes sure a failed start is never silent.
+    init_logging();
     let server = match server {
         Ok(server) => server,
         Err(e) => {

@@ -78,3 +78,29 @@ fn counter_example_shares_counters_across_workers() {
     server.terminate();
     assert_eq!(server.wait_exit(WAIT), Some(0));
 }
+
+/// A service built on the template reuses the server's flags but must not ship the demo's
+/// switch that turns on the fd leak.
+#[test]
+fn the_example_offers_the_server_flags_but_not_leaky() {
+    let out = std::process::Command::new(counter_binary())
+        .arg("--help")
+        .output()
+        .expect("run counter --help");
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--max-connections",
+        "--idle-timeout",
+        "--workers",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+    assert!(!help.contains("--leaky"), "--leaky offered:\n{help}");
+    let refused = std::process::Command::new(counter_binary())
+        .arg("--leaky")
+        .output()
+        .expect("run counter --leaky");
+    assert!(!refused.status.success(), "counter accepted --leaky");
+}
