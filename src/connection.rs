@@ -684,11 +684,16 @@ impl Connection {
 }
 
 /// Make room in `partial` for `take` more bytes of a frame of `want` bytes in all: doubling,
-/// as `Vec` does, but never past the frame's own size (a max-size frame holds 1 MiB, not 2).
+/// as `Vec` does, but never more than one read ahead of what arrived, nor past the frame's
+/// own size, so a peer holds at most what it sent plus [`READ_CHUNK`] (plain doubling held
+/// up to twice what was sent, and a max-size frame 2 MiB).
 fn grow_towards(partial: &mut Vec<u8>, take: usize, want: usize) {
     let need = partial.len() + take;
     if need > partial.capacity() {
-        let target = (partial.capacity() * 2).clamp(need, want.max(need));
+        let target = (partial.capacity() * 2)
+            .min(need + READ_CHUNK)
+            .min(want)
+            .max(need);
         partial.reserve_exact(target - partial.len());
     }
 }
