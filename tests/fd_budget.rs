@@ -370,8 +370,13 @@ fn a_write_stall_close_is_a_reset_that_drops_the_undelivered_replies() {
     let batch: Vec<u8> = (0..256)
         .flat_map(|_| frame(ECHO, &[5; 64 * 1024]))
         .collect();
-    client.send_raw(&batch);
+    // From another thread, and its outcome ignored: on a loaded machine the server may
+    // stall out while the batch is still being sent, and the send then fails (EPIPE) —
+    // the close under test, seen early.
+    let mut writer = client.stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || writer.write_all(&batch));
     server.wait_for_fds(baseline);
+    let _ = sender.join();
     let stats = server.connect().stats();
     assert_eq!(stats["closed_write_stall"], 1, "{stats:?}");
     client.stream.set_read_timeout(Some(WAIT)).unwrap();
