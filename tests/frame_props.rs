@@ -203,6 +203,7 @@ proptest! {
             max_frame: MAX_FRAME,
             max_pending_output: 1 << 20,
             eof_policy: EofPolicy::Close,
+            linger: true,
         };
 
         // Net heap the connection allocated over all its reads: what it holds now.
@@ -232,25 +233,33 @@ proptest! {
             );
         }
 
-        if let Some(e) = expected.invalid {
-            prop_assert_eq!(step, Step::Close(CloseReason::Protocol));
-            drop(conn);
+        let reason = if let Some(e) = expected.invalid {
+            // A lingering close: the ERROR frame, the server's FIN, and the connection kept
+            // until ours.
+            prop_assert_eq!(&step, &Step::Linger);
             let mut reply = Vec::new();
             peer.read_to_end(&mut reply).unwrap();
             let mut want = Vec::new();
             frame::encode(&mut want, ERROR, e.to_string().as_bytes());
-            prop_assert_eq!(reply, want, "the ERROR frame for {:?}", e);
+            prop_assert_eq!(reply, want, "the ERROR frame, then EOF, for {:?}", e);
+            CloseReason::Protocol
         } else {
             prop_assert_eq!(&step, &Step::Continue);
-            // The peer's FIN: whatever unfinished frame the connection kept is freed.
-            peer.shutdown(Shutdown::Write).unwrap();
+            CloseReason::PeerEof
+        };
+        // The peer's FIN ends it; whatever unfinished frame the connection kept is freed.
+        peer.shutdown(Shutdown::Write).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while !matches!(step, Step::Close(_)) {
+            prop_assert!(Instant::now() < deadline, "no close after the peer's FIN: {:?}", step);
+            thread::yield_now();
             held += allocation_counter::measure(|| {
                 step = conn.on_event(&mut io, true, false, false);
             })
             .bytes_current;
-            prop_assert_eq!(step, Step::Close(CloseReason::PeerEof));
-            prop_assert_eq!(held, 0, "heap still held after the peer's FIN");
         }
+        prop_assert_eq!(step, Step::Close(reason));
+        prop_assert_eq!(held, 0, "heap still held once closed");
         let bodies = &io.service.bodies;
         prop_assert_eq!(bodies.len(), expected.bodies.len(), "frame count");
         prop_assert!(*bodies == expected.bodies, "frame bodies differ");
