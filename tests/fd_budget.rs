@@ -115,7 +115,7 @@ fn under_nofile_128_three_hundred_clients_get_exactly_the_cap_and_the_rest_wait(
         "{:#?}",
         server.log()
     );
-    assert!(server.log_contains("connection cap reached"));
+    server.wait_for_log("connection cap reached");
 }
 
 #[test]
