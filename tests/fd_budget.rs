@@ -364,12 +364,13 @@ fn an_announced_length_is_not_reserved_before_the_bytes_arrive() {
 /// would make the kernel send an RST on its own.
 #[test]
 fn a_write_stall_close_is_a_reset_that_drops_the_undelivered_replies() {
-    let server = Server::start(&["--idle-timeout", "1", "--max-pending-output", "67108864"]);
+    let server = Server::start(&["--idle-timeout", "3", "--max-pending-output", "67108864"]);
     let baseline = server.fds();
     let mut client = server.connect();
     let batch: Vec<u8> = (0..256)
         .flat_map(|_| frame(ECHO, &[5; 64 * 1024]))
         .collect();
+    // (3 s, not 1: under a load average of 16 the batch once took over 1 s to start.)
     // From another thread, and its outcome ignored: on a loaded machine the server may
     // stall out while the batch is still being sent, and the send then fails (EPIPE) —
     // the close under test, seen early.
