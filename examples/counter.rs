@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use closewait::service::{Reference, PING, STATS};
-use closewait::{Context, Reply, Server, Service};
+use closewait::{Context, LengthPrefixed, Reply, Server, Service};
 
 /// Request op: add one to the named counter; reply [`INCR_REPLY`] with the new value.
 const INCR: u8 = 0x10;
@@ -51,6 +51,8 @@ struct Counter {
 }
 
 impl Service for Counter {
+    type Codec = LengthPrefixed;
+
     fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
         // The loop guarantees a whole frame body: never empty, at most --max-frame bytes.
         let (op, name) = (request[0], &request[1..]);
@@ -122,9 +124,9 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use closewait::frame::{self, Decoded};
     use closewait::service::{ERROR, PING_REPLY};
     use closewait::stats::Stats;
+    use closewait::{frame, Decoded};
 
     /// Run one request body through `call`; the replies as (op, data).
     fn call(service: &mut Counter, request: &[u8]) -> Vec<(u8, Vec<u8>)> {
@@ -138,7 +140,11 @@ mod tests {
         let mut replies = Vec::new();
         let mut rest = &out[..];
         while !rest.is_empty() {
-            let Decoded::Frame { body, used } = frame::decode(rest, usize::MAX) else {
+            let Decoded::Request {
+                request: body,
+                used,
+            } = frame::decode(rest, usize::MAX)
+            else {
                 panic!("call wrote a partial or invalid frame: {out:?}");
             };
             replies.push((body[0], body[1..].to_vec()));

@@ -28,9 +28,9 @@ use std::net::SocketAddr;
 
 use mio::net::TcpStream;
 
-use crate::frame::{self, Decoded, FrameError, HEADER_LEN};
+use crate::codec::{Codec, Decoded};
 use crate::leak;
-use crate::service::{self, Context, Reply, Service};
+use crate::service::{Context, Reply, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
 use crate::EofPolicy;
@@ -52,6 +52,8 @@ pub const LINGER_MAX_DISCARD: u32 = 4 << 20;
 pub enum CloseReason {
     /// The peer sent FIN and every reply was flushed.
     PeerEof,
+    /// The service asked to close after its replies (a QUIT command, [`Reply::close`]).
+    Service,
     /// The peer reset the connection.
     Reset,
     /// Another I/O error (timeouts from the kernel included), with its errno (0 if none).
@@ -76,6 +78,7 @@ impl CloseReason {
     pub fn counter(self) -> Counter {
         match self {
             CloseReason::PeerEof => Counter::ClosedEof,
+            CloseReason::Service => Counter::ClosedService,
             CloseReason::Reset => Counter::ClosedReset,
             CloseReason::Error(_) => Counter::ClosedError,
             CloseReason::Protocol => Counter::ClosedProtocol,
@@ -89,7 +92,10 @@ impl CloseReason {
 
     /// Whether operators should hear about it (warn) rather than see it at debug level.
     pub fn is_abnormal(self) -> bool {
-        !matches!(self, CloseReason::PeerEof | CloseReason::Shutdown)
+        !matches!(
+            self,
+            CloseReason::PeerEof | CloseReason::Service | CloseReason::Shutdown
+        )
     }
 
     /// Classify an I/O error from a read or write.
@@ -107,6 +113,7 @@ impl std::fmt::Display for CloseReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CloseReason::PeerEof => f.write_str("peer closed (FIN), replies flushed"),
+            CloseReason::Service => f.write_str("the service closed it, replies flushed"),
             CloseReason::Reset => f.write_str("connection reset by peer"),
             CloseReason::Error(0) => f.write_str("I/O error"),
             CloseReason::Error(errno) => {
@@ -145,6 +152,7 @@ pub enum Step {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Graceful {
     PeerEof,
+    Service,
     Protocol,
     FrameTimeout,
     Shutdown,
@@ -155,6 +163,7 @@ impl Graceful {
     fn reason(self) -> CloseReason {
         match self {
             Graceful::PeerEof => CloseReason::PeerEof,
+            Graceful::Service => CloseReason::Service,
             Graceful::Protocol => CloseReason::Protocol,
             Graceful::FrameTimeout => CloseReason::FrameTimeout,
             Graceful::Shutdown => CloseReason::Shutdown,
@@ -177,13 +186,15 @@ enum State {
 }
 
 /// Buffers and settings the loop lends to every handler call.
-pub struct Io<'a, S> {
+pub struct Io<'a, S: Service> {
     /// The loop's read buffer, [`READ_CHUNK`] bytes.
     pub input: &'a mut [u8],
     /// An empty output buffer (with capacity) that a connection may borrow while it writes.
     pub output: &'a mut Vec<u8>,
     /// The protocol.
     pub service: &'a mut S,
+    /// Its wire format (one per worker: a connection holds no codec state).
+    pub codec: &'a mut S::Codec,
     /// Counters.
     pub stats: &'a Stats,
     /// Rate limit for warnings a peer can trigger.
@@ -351,7 +362,7 @@ impl Connection {
 
     /// The frame timeout passed with a frame still unfinished: tell the peer, then close
     /// (lingering, since the rest of the frame may still be on its way).
-    pub fn on_frame_timeout<S>(
+    pub fn on_frame_timeout<S: Service>(
         &mut self,
         io: &mut Io<'_, S>,
         timeout: std::time::Duration,
@@ -376,7 +387,7 @@ impl Connection {
     /// its memory back now. Replies the peer has not taken are dropped with an abortive close
     /// (a peer that does not read is why they piled up); a peer that only sent a partial frame
     /// gets an ERROR frame saying why, then a lingering close.
-    pub fn evict<S>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
+    pub fn evict<S: Service>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
         let held = self.buffered();
         if io.warn.allow() {
             log::warn!(
@@ -402,9 +413,14 @@ impl Connection {
     }
 
     /// Queue an ERROR frame, stop reading, and close once it is flushed.
-    fn close_with_error<S>(&mut self, io: &mut Io<'_, S>, why: Graceful, message: &str) -> Step {
+    fn close_with_error<S: Service>(
+        &mut self,
+        io: &mut Io<'_, S>,
+        why: Graceful,
+        message: &str,
+    ) -> Step {
         self.lend_output(io);
-        frame::encode(&mut self.pending, service::ERROR, message.as_bytes());
+        S::Codec::encode_error(&mut self.pending, message);
         self.state = State::Draining(why);
         self.flush(io).unwrap_or(Step::Continue)
     }
@@ -458,10 +474,19 @@ impl Connection {
                 }
                 Ok(n) => {
                     self.progressed = true;
-                    if let Err(e) = self.handle_input(n, io) {
-                        self.on_invalid_frame(e, io);
-                        step = Step::Continue;
-                        break;
+                    match self.handle_input(n, io) {
+                        Ok(()) => {}
+                        Err(Stop::Invalid(message)) => {
+                            self.on_invalid_request(message, io);
+                            step = Step::Continue;
+                            break;
+                        }
+                        Err(Stop::Close) => {
+                            self.partial = Vec::new();
+                            self.state = State::Draining(Graceful::Service);
+                            step = Step::Continue;
+                            break;
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -499,17 +524,22 @@ impl Connection {
         Step::Continue
     }
 
-    /// Answer every whole frame in the first `n` bytes of the input buffer; keep the
+    /// Answer every whole request in the first `n` bytes of the input buffer; keep the
     /// unfinished tail in `partial`.
-    fn handle_input<S: Service>(&mut self, n: usize, io: &mut Io<'_, S>) -> Result<(), FrameError> {
+    fn handle_input<S: Service>(&mut self, n: usize, io: &mut Io<'_, S>) -> Result<(), Stop> {
         let Io {
             input,
             service,
+            codec,
             stats,
             warn,
             max_frame,
             ..
         } = io;
+        let max = *max_frame;
+        // The loop's own bound, whatever the codec: a connection never holds more than this
+        // of one request (a codec that forgets to refuse a large one is refused here).
+        let limit = |max: usize| max.saturating_add(S::Codec::MAX_OVERHEAD);
         let mut data = &input[..n];
         let cx = Context {
             peer: self.peer,
@@ -518,50 +548,81 @@ impl Connection {
         let mut reply = Reply::new(&mut self.pending);
         let mut requests = 0;
 
-        // First finish the frame left over from an earlier read, taking only its bytes, so
-        // the common case below parses straight from the read buffer without copying.
-        while !self.partial.is_empty() && !data.is_empty() {
-            let want = if self.partial.len() < HEADER_LEN {
-                HEADER_LEN
-            } else {
-                want_len(&self.partial)
-            };
-            let take = (want - self.partial.len()).min(data.len());
-            grow_towards(&mut self.partial, take, want);
-            self.partial.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            match frame::decode(&self.partial, *max_frame) {
-                Decoded::Frame { body, .. } => {
-                    service.call(body, &mut reply, &cx);
-                    requests += 1;
-                    self.partial = Vec::new();
-                }
-                // Not reserved up front from the announced length: a peer could then make
-                // us allocate max_frame per connection by sending four bytes.
-                Decoded::Incomplete => {}
-                Decoded::Invalid(e) => {
-                    self.partial = Vec::new();
-                    return Err(e);
-                }
-            }
-        }
-        loop {
-            match frame::decode(data, *max_frame) {
-                Decoded::Frame { body, used } => {
-                    service.call(body, &mut reply, &cx);
-                    requests += 1;
-                    data = &data[used..];
-                }
-                Decoded::Incomplete => {
-                    if self.partial.is_empty() && !data.is_empty() {
-                        self.frame_began = true;
+        let outcome = 'input: {
+            // First finish the request left over from an earlier read. When the codec knows
+            // how long it is, take only its bytes, so the common case below parses straight
+            // from the read buffer without copying.
+            while !self.partial.is_empty() && !data.is_empty() {
+                let held = self.partial.len();
+                let need = match codec.decode(&self.partial, max) {
+                    Decoded::Incomplete { need } => need.filter(|&need| need > held),
+                    // `partial` only ever holds an unfinished request; a codec that now sees
+                    // more gets everything and the loop below sorts it out.
+                    _ => None,
+                };
+                let take = need.map_or(data.len(), |need| (need - held).min(data.len()));
+                grow_towards(&mut self.partial, take, need.unwrap_or(held + take));
+                self.partial.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                let mut at = 0;
+                loop {
+                    match codec.decode(&self.partial[at..], max) {
+                        Decoded::Request { request, used } => {
+                            if used > limit(max) {
+                                break 'input Err(too_large(used, max));
+                            }
+                            service.call(request, &mut reply, &cx);
+                            requests += 1;
+                            at += used;
+                            if reply.wants_close() {
+                                break 'input Err(Stop::Close);
+                            }
+                        }
+                        // Not reserved up front from an announced length: a peer could then
+                        // make us allocate max_frame per connection by sending four bytes.
+                        Decoded::Incomplete { .. } => break,
+                        Decoded::Invalid(e) => break 'input Err(Stop::Invalid(e.to_string())),
                     }
-                    self.partial.extend_from_slice(data);
-                    break;
                 }
-                Decoded::Invalid(e) => return Err(e),
+                if at == self.partial.len() {
+                    self.partial = Vec::new();
+                } else if at > 0 {
+                    // A new request began behind the finished ones.
+                    self.partial.drain(..at);
+                    self.frame_began = true;
+                }
+                if self.partial.len() > limit(max) {
+                    break 'input Err(too_large(self.partial.len(), max));
+                }
             }
-        }
+            loop {
+                match codec.decode(data, max) {
+                    // No size check here: a request parsed in place from the read buffer
+                    // holds no memory of the connection's (the codec was told `max`).
+                    Decoded::Request { request, used } => {
+                        service.call(request, &mut reply, &cx);
+                        requests += 1;
+                        data = &data[used..];
+                        if reply.wants_close() {
+                            break 'input Err(Stop::Close);
+                        }
+                    }
+                    Decoded::Incomplete { .. } => {
+                        if !data.is_empty() {
+                            if data.len() > limit(max) {
+                                break 'input Err(too_large(data.len(), max));
+                            }
+                            if self.partial.is_empty() {
+                                self.frame_began = true;
+                            }
+                            self.partial.extend_from_slice(data);
+                        }
+                        break 'input Ok(());
+                    }
+                    Decoded::Invalid(e) => break 'input Err(Stop::Invalid(e.to_string())),
+                }
+            }
+        };
         if let Some((count, first)) = reply.take_errors() {
             if warn.allow() {
                 log::warn!(
@@ -572,23 +633,27 @@ impl Connection {
             }
         }
         stats.add(Counter::Requests, requests);
-        Ok(())
+        outcome
     }
 
-    /// The stream cannot be resynchronised after a bad length: tell the peer why, stop
-    /// reading, and close once the ERROR frame is flushed.
-    fn on_invalid_frame<S>(&mut self, e: FrameError, io: &mut Io<'_, S>) {
+    /// The stream cannot be resynchronised after an invalid request: tell the peer why, stop
+    /// reading, and close once the error reply is flushed.
+    fn on_invalid_request<S: Service>(&mut self, message: String, io: &mut Io<'_, S>) {
         if io.warn.allow() {
-            log::warn!("{}: {e}; closing{}", self.peer, io.warn.suppressed_note());
+            log::warn!(
+                "{}: {message}; closing{}",
+                self.peer,
+                io.warn.suppressed_note()
+            );
         }
-        frame::encode(&mut self.pending, service::ERROR, e.to_string().as_bytes());
+        S::Codec::encode_error(&mut self.pending, &message);
         io.stats.add(Counter::Requests, 1);
         self.partial = Vec::new();
         self.state = State::Draining(Graceful::Protocol);
     }
 
     /// Write what the socket takes; close if draining and done. `None` means keep going.
-    fn flush<S>(&mut self, io: &mut Io<'_, S>) -> Option<Step> {
+    fn flush<S: Service>(&mut self, io: &mut Io<'_, S>) -> Option<Step> {
         if let Some(close) = self.write_pending() {
             return Some(close);
         }
@@ -607,7 +672,7 @@ impl Connection {
     }
 
     /// Every reply is flushed: close, or shut down writing and linger if input may be unread.
-    fn finish_writing<S>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
+    fn finish_writing<S: Service>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
         if why == Graceful::PeerEof || !io.linger {
             return Step::Close(why.reason());
         }
@@ -623,7 +688,7 @@ impl Connection {
 
     /// Read and throw away what the peer still sends, until its FIN (then close: nothing is
     /// left unread, so close sends no RST), an error, or [`LINGER_MAX_DISCARD`] bytes.
-    fn discard<S>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
+    fn discard<S: Service>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
         for _ in 0..READS_PER_TURN {
             match self.stream.read(io.input) {
                 Ok(0) => return Step::Close(why.reason()),
@@ -665,7 +730,7 @@ impl Connection {
     }
 
     /// Borrow the loop's output buffer if we hold none, so replies need no allocation.
-    fn lend_output<S>(&mut self, io: &mut Io<'_, S>) {
+    fn lend_output<S: Service>(&mut self, io: &mut Io<'_, S>) {
         if self.pending.capacity() == 0 {
             std::mem::swap(&mut self.pending, io.output);
             self.sent = 0;
@@ -673,7 +738,7 @@ impl Connection {
     }
 
     /// All sent: give the buffer back (or drop it), so an idle connection owns none.
-    fn return_output<S>(&mut self, io: &mut Io<'_, S>) {
+    fn return_output<S: Service>(&mut self, io: &mut Io<'_, S>) {
         self.pending.clear();
         self.sent = 0;
         if self.pending.capacity() > io.output.capacity() {
@@ -698,12 +763,20 @@ fn grow_towards(partial: &mut Vec<u8>, take: usize, want: usize) {
     }
 }
 
-/// Total bytes (header included) of the frame whose header starts `buf` (>= 4 bytes).
-fn want_len(buf: &[u8]) -> usize {
-    let header: [u8; HEADER_LEN] = buf[..HEADER_LEN]
-        .try_into()
-        .expect("caller checked the length");
-    HEADER_LEN + u32::from_be_bytes(header) as usize
+/// Why reading a connection's input stopped early.
+#[derive(Debug)]
+enum Stop {
+    /// The codec (or the loop's size bound) refused the stream, with this message.
+    Invalid(String),
+    /// The service asked to close ([`Reply::close`]).
+    Close,
+}
+
+/// The loop's refusal of a request holding `held` bytes when the limit is `max`.
+fn too_large(held: usize, max: usize) -> Stop {
+    Stop::Invalid(format!(
+        "invalid request: {held} bytes exceed max_frame {max}"
+    ))
 }
 
 #[cfg(test)]
@@ -716,6 +789,7 @@ mod tests {
 
     use mio::{Events, Interest, Poll, Token};
 
+    use crate::codec::LengthPrefixed;
     use crate::service::{Reference, PING, PING_REPLY};
 
     /// Upper bound on every wait in these tests.
@@ -736,6 +810,7 @@ mod tests {
         input: Vec<u8>,
         output: Vec<u8>,
         service: Reference,
+        codec: LengthPrefixed,
         stats: Stats,
         warn: Throttle,
     }
@@ -747,6 +822,7 @@ mod tests {
                 input: vec![0; input],
                 output: Vec::with_capacity(4096),
                 service: Reference,
+                codec: LengthPrefixed,
                 stats: Stats::default(),
                 warn: Throttle::default(),
             }
@@ -757,6 +833,7 @@ mod tests {
                 input: &mut self.input,
                 output: &mut self.output,
                 service: &mut self.service,
+                codec: &mut self.codec,
                 stats: &self.stats,
                 warn: &mut self.warn,
                 max_frame: 1 << 20,

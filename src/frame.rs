@@ -1,4 +1,5 @@
-//! Framing: where one message ends and the next begins. Nothing else.
+//! Framing: where one message ends and the next begins. Nothing else. This is the default
+//! [`Codec`], [`LengthPrefixed`].
 //!
 //! Every message in both directions is `u32` big-endian length `L`, then `L` bytes of body,
 //! with `1 <= L <= max_frame`. This module turns bytes into frame bodies and bodies into bytes.
@@ -7,24 +8,11 @@
 
 use std::fmt;
 
+use crate::codec::{Codec, Decoded};
+use crate::service::ERROR;
+
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
-
-/// The result of looking for one frame at the start of a buffer.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decoded<'a> {
-    /// A whole frame: its body, and how many bytes (header included) it used.
-    Frame {
-        /// The frame body: op byte then data. Never empty.
-        body: &'a [u8],
-        /// Bytes to consume from the buffer.
-        used: usize,
-    },
-    /// Not enough bytes yet; keep them and read more.
-    Incomplete,
-    /// The length prefix is illegal. The stream cannot be resynchronised: answer, then close.
-    Invalid(FrameError),
-}
 
 /// A length prefix the protocol forbids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,13 +42,37 @@ impl fmt::Display for FrameError {
     }
 }
 
-/// Look for one frame at the start of `buf`.
+/// closewait's own wire format, the default [`Codec`]: `u32` big-endian length, then that
+/// many bytes of body (op byte, then data). A service using it receives the body, `&[u8]`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LengthPrefixed;
+
+impl Codec for LengthPrefixed {
+    type Request<'a> = &'a [u8];
+    type Error = FrameError;
+    const MAX_OVERHEAD: usize = HEADER_LEN;
+
+    #[inline]
+    fn decode<'a>(&mut self, buf: &'a [u8], max_request: usize) -> Decoded<&'a [u8], FrameError> {
+        decode(buf, max_request)
+    }
+
+    fn encode_error(out: &mut Vec<u8>, message: &str) {
+        encode(out, ERROR, message.as_bytes());
+    }
+}
+
+/// Look for one frame at the start of `buf`; a request is the frame's body.
 ///
 /// The length is validated as soon as its 4 bytes are in, before the body arrives, so a peer
-/// announcing 4 GiB is refused at once instead of being buffered up to the limit.
-pub fn decode(buf: &[u8], max_frame: usize) -> Decoded<'_> {
+/// announcing 4 GiB is refused at once instead of being buffered up to the limit. Once the
+/// header is in, [`Decoded::Incomplete`] tells how long the whole frame is.
+#[inline]
+pub fn decode(buf: &[u8], max_frame: usize) -> Decoded<&[u8], FrameError> {
     let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
-        return Decoded::Incomplete;
+        return Decoded::Incomplete {
+            need: Some(HEADER_LEN),
+        };
     };
     let len = u32::from_be_bytes(*header);
     if len == 0 {
@@ -74,8 +86,11 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Decoded<'_> {
     }
     let used = HEADER_LEN + len as usize;
     match buf.get(HEADER_LEN..used) {
-        Some(body) => Decoded::Frame { body, used },
-        None => Decoded::Incomplete,
+        Some(body) => Decoded::Request {
+            request: body,
+            used,
+        },
+        None => Decoded::Incomplete { need: Some(used) },
     }
 }
 
@@ -129,11 +144,14 @@ mod tests {
             let mut at = 0;
             loop {
                 match decode(&pending[at..], max) {
-                    Decoded::Frame { body, used } => {
+                    Decoded::Request {
+                        request: body,
+                        used,
+                    } => {
                         bodies.push(body.to_vec());
                         at += used;
                     }
-                    Decoded::Incomplete => break,
+                    Decoded::Incomplete { .. } => break,
                     Decoded::Invalid(e) => {
                         return Outcome {
                             bodies,
@@ -224,7 +242,7 @@ mod tests {
         let stream = frame(0x01, &[0; 15]);
         assert!(matches!(
             decode(&stream, 16),
-            Decoded::Frame { used: 20, .. }
+            Decoded::Request { used: 20, .. }
         ));
     }
 
@@ -232,9 +250,8 @@ mod tests {
     fn partial_header_and_partial_body_are_incomplete() {
         let stream = frame(0x01, b"abc");
         for end in 0..stream.len() {
-            assert_eq!(
-                decode(&stream[..end], 16),
-                Decoded::Incomplete,
+            assert!(
+                matches!(decode(&stream[..end], 16), Decoded::Incomplete { .. }),
                 "prefix of {end} bytes"
             );
         }

@@ -62,6 +62,7 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod connection;
 mod connections;
@@ -77,6 +78,7 @@ pub mod stats;
 pub mod throttle;
 pub mod timers;
 
+pub use codec::{Codec, Decoded, LengthPrefixed};
 pub use config::{Config, EofPolicy, WhenFull};
 pub use server::{Handle, Server};
 pub use service::{Context, Reply, Service};

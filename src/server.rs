@@ -20,14 +20,15 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::codec::Codec;
 use crate::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
 use crate::connections::Registry;
 use crate::limits::{self, AcceptError, AcceptGate, Transition};
 use crate::memory::{self, MemoryBudget};
-use crate::service::{self, Reference, Service};
+use crate::service::{Reference, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
-use crate::{frame, leak, listener, Config, EofPolicy, WhenFull};
+use crate::{leak, listener, Config, EofPolicy, WhenFull};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -347,7 +348,7 @@ fn count_own_fds() -> u64 {
 }
 
 /// One event loop: a poll, a listener, a slab of connections.
-struct Worker<S> {
+struct Worker<S: Service> {
     index: usize,
     poll: Poll,
     listener: Option<TcpListener>,
@@ -359,6 +360,7 @@ struct Worker<S> {
     accept_pending: bool,
     shared: Arc<Shared>,
     service: S,
+    codec: S::Codec,
     input: Box<[u8]>,
     output: Vec<u8>,
     /// Verdicts of this turn, acted on after the event batch.
@@ -412,6 +414,7 @@ impl<S: Service> Worker<S> {
             accept_pending: true,
             shared,
             service,
+            codec: S::Codec::default(),
             input: vec![0; READ_CHUNK].into_boxed_slice(),
             output: Vec::with_capacity(READ_CHUNK),
             closing: Vec::new(),
@@ -546,6 +549,7 @@ impl<S: Service> Worker<S> {
             input: &mut self.input,
             output: &mut self.output,
             service: &mut self.service,
+            codec: &mut self.codec,
             stats: &self.shared.stats,
             warn: &mut self.warn,
             max_frame: self.max_frame,
@@ -839,8 +843,8 @@ impl<S: Service> Worker<S> {
     fn reject(&mut self, mut stream: TcpStream, peer: SocketAddr) {
         use std::io::Write;
         let message = format!("server full: {} connections", self.registry.len());
-        let mut reply = Vec::with_capacity(message.len() + 5);
-        frame::encode(&mut reply, service::ERROR, message.as_bytes());
+        let mut reply = Vec::with_capacity(message.len() + 16);
+        S::Codec::encode_error(&mut reply, &message);
         // A fresh socket's send buffer always has room for one small frame.
         if let Err(e) = stream.write(&reply) {
             log::debug!("{peer}: could not send the rejection: {e}");

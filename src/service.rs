@@ -1,15 +1,18 @@
 //! The service: what a request means. Replace this to build a new server on closewait.
 //!
-//! The loop hands a service one whole frame body at a time (op byte + data, never empty, at
-//! most `max_frame` bytes) and the service appends zero or more reply frames through
-//! [`Reply`]. A service never sees a socket, a partial frame or a length prefix, and never
-//! decides when a connection closes: framing and the connection state machine own that.
+//! The loop hands a service one whole request at a time, as its [`Codec`] cut it out of the
+//! stream (for the default codec, a frame body: op byte + data, never empty, at most
+//! `max_frame` bytes), and the service appends zero or more replies through [`Reply`]. A
+//! service never sees a socket or a partial request, and never closes a connection itself:
+//! it may only ask, through [`Reply::close`], and the connection state machine does it.
 //!
 //! [`Reference`] is the protocol every closewait tool speaks: ECHO, PING and STATS.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 
+use crate::codec::{Codec, LengthPrefixed};
 use crate::frame;
 use crate::stats::Stats;
 
@@ -37,60 +40,114 @@ pub struct Context<'a> {
     pub stats: &'a Stats,
 }
 
-/// A protocol: turns one request body into replies.
+/// A protocol: turns one request into replies.
 ///
 /// Each event-loop worker owns its own instance (made by the factory given to
 /// [`crate::Server::with_service`]), so `call` takes `&mut self` and needs no locking; state
 /// shared between workers is the implementor's to synchronise.
 pub trait Service {
-    /// Answer one request. `request` is a whole frame body: op byte first, never empty.
-    fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>);
+    /// The wire format: [`LengthPrefixed`] for closewait's own framing (requests are frame
+    /// bodies, `&[u8]`), or a [`Codec`] of your own.
+    type Codec: Codec;
+
+    /// Answer one request, in the connection's request order, by writing zero or more
+    /// replies to `reply`. For [`LengthPrefixed`], `request` is a whole frame body: op byte
+    /// first, never empty, at most `max_frame` bytes.
+    fn call(
+        &mut self,
+        request: <Self::Codec as Codec>::Request<'_>,
+        reply: &mut Reply<'_, Self::Codec>,
+        cx: &Context<'_>,
+    );
 }
 
-/// Where a service writes its replies: frames appended to the connection's output, in
-/// request order, without intermediate allocation.
-pub struct Reply<'a> {
+/// Where a service writes its replies: appended to the connection's output, in request
+/// order, without intermediate allocation.
+///
+/// Any codec: [`append`](Reply::append) (bytes already in the codec's format),
+/// [`error`](Reply::error), [`answer_error`](Reply::answer_error) and
+/// [`close`](Reply::close). [`LengthPrefixed`] adds [`send`](Reply::send) and
+/// [`send_with`](Reply::send_with); another codec's reply helpers build on `append` (see
+/// `examples/resp.rs`).
+pub struct Reply<'a, C = LengthPrefixed> {
     out: &'a mut Vec<u8>,
     errors: u32,
     first_error: Option<String>,
+    close: bool,
+    codec: PhantomData<fn() -> C>,
 }
 
-impl<'a> Reply<'a> {
-    /// A writer appending reply frames to `out`. The loop makes one per read; a service's
-    /// unit tests can make one to call [`Service::call`] without a socket.
+impl<'a, C: Codec> Reply<'a, C> {
+    /// A writer appending replies to `out`. The loop makes one per read; a service's unit
+    /// tests can make one to call [`Service::call`] without a socket.
     pub fn new(out: &'a mut Vec<u8>) -> Self {
         Reply {
             out,
             errors: 0,
             first_error: None,
+            close: false,
+            codec: PhantomData,
         }
     }
 
-    /// Send one frame with body `op` + `data`.
-    pub fn send(&mut self, op: u8, data: &[u8]) {
-        frame::encode(self.out, op, data);
+    /// Append one reply that `write` encodes in place, in the codec's format (for a codec of
+    /// your own: the helpers that write its reply types call this).
+    #[inline]
+    pub fn append(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(self.out);
     }
 
-    /// Send one frame whose data `write` appends in place (for replies built piecewise).
-    pub fn send_with(&mut self, op: u8, write: impl FnOnce(&mut Vec<u8>)) {
-        frame::encode_with(self.out, op, write);
-    }
-
-    /// Send an ERROR frame with this message. The connection stays usable; the loop logs
-    /// the first error of each read batch with the peer's address.
+    /// Send an error reply for a request the peer got wrong (unknown op, malformed
+    /// arguments): the peer's fault, so the loop logs it — the first error of each read
+    /// batch, with the peer's address, rate-limited. The connection stays usable.
+    ///
+    /// `message` is anything `Display`: a `&str`, a `String`, or `format_args!(..)` (which
+    /// formats without an intermediate `String` of yours).
     pub fn error(&mut self, message: impl fmt::Display) {
         let text = message.to_string();
-        self.send(ERROR, text.as_bytes());
+        C::encode_error(self.out, &text);
         self.errors += 1;
         if self.first_error.is_none() {
             self.first_error = Some(text);
         }
     }
 
-    /// Errors sent through this writer, and the first one's text.
+    /// Send an error reply that is an ordinary answer ("no such key", "too many counters"),
+    /// not a fault of the peer: nothing is logged. The connection stays usable.
+    pub fn answer_error(&mut self, message: impl fmt::Display) {
+        C::encode_error(self.out, &message.to_string());
+    }
+
+    /// Close the connection once the replies written so far are sent (a QUIT command): the
+    /// requests this connection sent after this one are neither answered nor read.
+    pub fn close(&mut self) {
+        self.close = true;
+    }
+
+    /// Whether [`close`](Reply::close) was called.
+    pub(crate) fn wants_close(&self) -> bool {
+        self.close
+    }
+
+    /// Errors sent through [`error`](Reply::error), and the first one's text.
     pub(crate) fn take_errors(&mut self) -> Option<(u32, String)> {
         let errors = std::mem::take(&mut self.errors);
         self.first_error.take().map(|text| (errors, text))
+    }
+}
+
+impl Reply<'_, LengthPrefixed> {
+    /// Send one frame with body `op` + `data`.
+    #[inline]
+    pub fn send(&mut self, op: u8, data: &[u8]) {
+        frame::encode(self.out, op, data);
+    }
+
+    /// Send one frame whose data `write` appends in place (for replies built piecewise):
+    /// `reply.send_with(op, |out: &mut Vec<u8>| out.extend_from_slice(b"..."))`.
+    #[inline]
+    pub fn send_with(&mut self, op: u8, write: impl FnOnce(&mut Vec<u8>)) {
+        frame::encode_with(self.out, op, write);
     }
 }
 
@@ -99,6 +156,8 @@ impl<'a> Reply<'a> {
 pub struct Reference;
 
 impl Service for Reference {
+    type Codec = LengthPrefixed;
+
     fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
         let (op, data) = (request[0], &request[1..]);
         match op {
@@ -121,7 +180,7 @@ mod tests {
             stats: &stats,
         };
         let mut out = Vec::new();
-        let mut reply = Reply::new(&mut out);
+        let mut reply = Reply::<LengthPrefixed>::new(&mut out);
         Reference.call(request, &mut reply, &cx);
         let errors = reply.take_errors();
         (out, errors)

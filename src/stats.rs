@@ -42,6 +42,8 @@ counters! {
     Accepted => "accepted",
     /// Closed after the peer's FIN (read returned 0), replies flushed.
     ClosedEof => "closed_eof",
+    /// Closed by the service after its replies (a QUIT command), once the peer's FIN came.
+    ClosedService => "closed_service",
     /// Closed because the peer reset the connection (ECONNRESET, EPIPE).
     ClosedReset => "closed_reset",
     /// Closed on any other I/O error (e.g. ETIMEDOUT from TCP_USER_TIMEOUT or keepalive).

@@ -13,11 +13,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use closewait::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
-use closewait::frame::{self, Decoded, FrameError, HEADER_LEN};
+use closewait::frame::{self, FrameError, HEADER_LEN};
 use closewait::service::{Context, Reply, Service, ERROR};
 use closewait::stats::Stats;
 use closewait::throttle::Throttle;
 use closewait::EofPolicy;
+use closewait::{Decoded, LengthPrefixed};
 use mio::net::TcpStream;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -38,6 +39,8 @@ struct Recorder {
 }
 
 impl Service for Recorder {
+    type Codec = LengthPrefixed;
+
     fn call(&mut self, request: &[u8], _: &mut Reply<'_>, _: &Context<'_>) {
         // The recording is the test's memory, not the connection's.
         allocation_counter::opt_out(|| self.bodies.push(request.to_vec()));
@@ -56,12 +59,15 @@ fn decode_in_one_piece(stream: &[u8]) -> OnePiece {
     let (mut bodies, mut ends, mut at) = (Vec::new(), Vec::new(), 0);
     loop {
         match frame::decode(&stream[at..], MAX_FRAME) {
-            Decoded::Frame { body, used } => {
+            Decoded::Request {
+                request: body,
+                used,
+            } => {
                 bodies.push(body.to_vec());
                 at += used;
                 ends.push(at);
             }
-            Decoded::Incomplete => {
+            Decoded::Incomplete { .. } => {
                 return OnePiece {
                     bodies,
                     ends,
@@ -198,6 +204,7 @@ proptest! {
             input: &mut input,
             output: &mut output,
             service: &mut service,
+            codec: &mut LengthPrefixed,
             stats: &stats,
             warn: &mut warn,
             max_frame: MAX_FRAME,

@@ -118,6 +118,8 @@ struct Holding {
 const HOLD: u8 = 0x7e;
 
 impl Service for Holding {
+    type Codec = closewait::LengthPrefixed;
+
     fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
         if request[0] == HOLD {
             self.entered.store(true, Ordering::SeqCst);
