@@ -71,10 +71,11 @@ pub mod leak;
 pub mod limits;
 mod listener;
 pub mod memory;
-pub mod procfs;
 mod server;
 pub mod service;
 pub mod stats;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod throttle;
 pub mod timers;
 

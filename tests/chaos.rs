@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use closewait::frame::FrameError;
-use closewait::procfs::{self, TCP_CLOSE_WAIT};
+use closewait::testing::procfs::{self, TCP_CLOSE_WAIT};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -536,24 +536,24 @@ fn accepted_sockets_carry_tcp_keepalive_so_vanished_peers_are_found() {
     let with = Server::start(&["--keepalive-time", "7"]);
     let mut client = with.connect();
     client.ping();
-    let timers: Vec<u8> = closewait::procfs::tcp_rows(with.pid())
+    let timers: Vec<u8> = closewait::testing::procfs::tcp_rows(with.pid())
         .unwrap()
         .into_iter()
-        .filter(|r| r.state == closewait::procfs::TCP_ESTABLISHED)
+        .filter(|r| r.state == closewait::testing::procfs::TCP_ESTABLISHED)
         .map(|r| r.timer)
         .collect();
     assert_eq!(
         timers,
-        [closewait::procfs::TIMER_KEEPALIVE],
+        [closewait::testing::procfs::TIMER_KEEPALIVE],
         "timers of the server's connections"
     );
     let without = Server::start(&["--keepalive-time", "0"]);
     let mut client = without.connect();
     client.ping();
-    let timers: Vec<u8> = closewait::procfs::tcp_rows(without.pid())
+    let timers: Vec<u8> = closewait::testing::procfs::tcp_rows(without.pid())
         .unwrap()
         .into_iter()
-        .filter(|r| r.state == closewait::procfs::TCP_ESTABLISHED)
+        .filter(|r| r.state == closewait::testing::procfs::TCP_ESTABLISHED)
         .map(|r| r.timer)
         .collect();
     assert_eq!(timers, [0], "--keepalive-time 0 turns keepalive off");

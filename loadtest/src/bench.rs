@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use closewait::procfs;
+use closewait::testing::procfs;
 
 use report::Row;
 use server::{Kind, Server};

@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::builder::TypedValueParser;
-use closewait::procfs;
+use closewait::testing::procfs;
 use report::Sample;
 use workload::Tally;
 

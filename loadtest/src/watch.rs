@@ -1,14 +1,14 @@
 //! `loadtest watch`: the "did the fix work?" view of any process.
 //!
 //! One line per interval with the process's open fds, its sockets in CLOSE_WAIT and its soft
-//! RLIMIT_NOFILE, read from `/proc` (see [`closewait::procfs`]). A leak is a count that only
+//! RLIMIT_NOFILE, read from `/proc` (see [`closewait::testing::procfs`]). A leak is a count that only
 //! climbs toward the limit; legitimate load is a plateau that falls when clients leave.
 
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use closewait::procfs;
+use closewait::testing::procfs;
 
 /// Flags of `loadtest watch`.
 #[derive(clap::Args, Debug)]

@@ -125,7 +125,7 @@ fn watch_prints_fds_close_wait_and_the_limit_of_a_live_server() {
         drop(std::net::TcpStream::connect(addr).unwrap()); // three peer closes the leaky server ignores
     }
     let settled = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while closewait::procfs::close_wait_sockets(pid).unwrap() < 3
+    while closewait::testing::procfs::close_wait_sockets(pid).unwrap() < 3
         && std::time::Instant::now() < settled
     {
         std::thread::sleep(std::time::Duration::from_millis(10));

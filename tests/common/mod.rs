@@ -1,10 +1,11 @@
-//! Shared test helpers: start a real `closewait` process, talk the wire protocol, and read
-//! the server's fds, CLOSE_WAIT sockets, CPU time and memory from /proc.
+//! Shared test helpers: start a real `closewait` process and read its fds, CLOSE_WAIT
+//! sockets, CPU time and memory from /proc. The client, `wait_until` and the /proc readers
+//! are `closewait::testing`'s, the kit a service's own tests use; what is here needs the
+//! `closewait` binary (fd limits, signals, the leaky variant), which the kit does not.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -13,9 +14,6 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use closewait::service::{ECHO, ECHO_REPLY, ERROR, PING, PING_REPLY, STATS, STATS_REPLY};
-
-/// Longest any single wait in a test may take before it fails.
-pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A `closewait` child process, killed when dropped.
 pub struct Server {
@@ -111,7 +109,7 @@ impl Server {
 
     /// Open fds of the server process.
     pub fn fds(&self) -> usize {
-        closewait::procfs::open_fds(self.pid()).expect("read server fds")
+        closewait::testing::procfs::open_fds(self.pid()).expect("read server fds")
     }
 
     /// The lowest fd number the server does not use: the one its next `accept` would get.
@@ -126,13 +124,13 @@ impl Server {
 
     /// The server's sockets in CLOSE_WAIT.
     pub fn close_wait(&self) -> usize {
-        closewait::procfs::close_wait_sockets(self.pid()).expect("read server tcp states")
+        closewait::testing::procfs::close_wait_sockets(self.pid()).expect("read server tcp states")
     }
 
     /// Bytes the server has sent that its peers have not taken (sum of Send-Q): non-zero
     /// once some peer stopped reading and its receive window filled.
     pub fn unacked_output(&self) -> u64 {
-        closewait::procfs::tcp_rows(self.pid())
+        closewait::testing::procfs::tcp_rows(self.pid())
             .expect("read server tcp rows")
             .iter()
             .map(|r| r.tx_queue)
@@ -142,7 +140,7 @@ impl Server {
     /// Bytes that reached the server's sockets but that it has not read yet (Recv-Q; for
     /// the listener, connections not yet accepted).
     pub fn unread_input(&self) -> u64 {
-        closewait::procfs::tcp_rows(self.pid())
+        closewait::testing::procfs::tcp_rows(self.pid())
             .expect("read server tcp rows")
             .iter()
             .map(|r| r.rx_queue)
@@ -250,109 +248,5 @@ impl Drop for Server {
     }
 }
 
-/// Poll `cond` every few ms until it holds or `limit` passes; whether it held.
-pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Encode one frame.
-pub fn frame(op: u8, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + data.len());
-    out.extend_from_slice(&(1 + data.len() as u32).to_be_bytes());
-    out.push(op);
-    out.extend_from_slice(data);
-    out
-}
-
-/// A blocking client with timeouts.
-pub struct Client {
-    pub stream: TcpStream,
-}
-
-impl Client {
-    pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect");
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        stream.set_write_timeout(Some(WAIT)).unwrap();
-        Client { stream }
-    }
-
-    pub fn send(&mut self, op: u8, data: &[u8]) {
-        self.stream.write_all(&frame(op, data)).expect("send");
-    }
-
-    pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("send raw");
-    }
-
-    /// Read one frame: `None` on EOF before its first byte.
-    pub fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
-        self.try_recv().expect("recv")
-    }
-
-    pub fn try_recv(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
-        let mut header = [0u8; 4];
-        match self.stream.read(&mut header[..1])? {
-            0 => return Ok(None),
-            _ => self.stream.read_exact(&mut header[1..])?,
-        }
-        let mut body = vec![0; u32::from_be_bytes(header) as usize];
-        self.stream.read_exact(&mut body)?;
-        let data = body.split_off(1);
-        Ok(Some((body[0], data)))
-    }
-
-    /// Whether the server closed its side (read returns 0 within the timeout).
-    pub fn at_eof(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.stream.read(&mut byte), Ok(0) | Err(_))
-    }
-
-    pub fn ping(&mut self) {
-        self.send(PING, b"");
-        assert_eq!(self.recv(), Some((PING_REPLY, vec![])));
-    }
-
-    pub fn echo(&mut self, data: &[u8]) {
-        self.send(ECHO, data);
-        assert_eq!(self.recv(), Some((ECHO_REPLY, data.to_vec())));
-    }
-
-    /// The STATS counters.
-    pub fn stats(&mut self) -> HashMap<String, u64> {
-        self.send(STATS, b"");
-        let (op, data) = self.recv().expect("stats reply");
-        assert_eq!(op, STATS_REPLY);
-        String::from_utf8(data)
-            .expect("utf-8 stats")
-            .lines()
-            .map(|l| {
-                let (name, value) = l.split_once(' ').expect("name value");
-                (name.to_string(), value.parse().expect("integer value"))
-            })
-            .collect()
-    }
-
-    pub fn half_close(&self) {
-        self.stream
-            .shutdown(Shutdown::Write)
-            .expect("shutdown write");
-    }
-
-    /// Close with RST instead of FIN.
-    pub fn reset(self) {
-        socket2::SockRef::from(&self.stream)
-            .set_linger(Some(Duration::ZERO))
-            .expect("linger");
-        drop(self);
-    }
-}
+#[allow(unused_imports)]
+pub use closewait::testing::{frame, wait_until, Client, WAIT};

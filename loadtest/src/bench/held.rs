@@ -4,8 +4,8 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use closewait::procfs;
 use closewait::service::{PING, PING_REPLY};
+use closewait::testing::procfs;
 
 use super::server::rss_bytes;
 

@@ -24,6 +24,8 @@ pub const TIMER_KEEPALIVE: u8 = 2;
 pub struct TcpRow {
     /// State code (see the `TCP_*` constants).
     pub state: u8,
+    /// The socket's local port (a server's accepted sockets have the listening port).
+    pub local_port: u16,
     /// Bytes sent but not yet acknowledged by the peer (on loopback: the peer's receive
     /// window is full, i.e. it is not reading). `ss` shows it as Send-Q.
     pub tx_queue: u64,
@@ -45,6 +47,7 @@ pub fn parse_tcp_table(text: &str) -> Vec<TcpRow> {
         .filter_map(|line| {
             // Columns: sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
             let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(cols.get(1)?.rsplit_once(':')?.1, 16).ok()?;
             let state = u8::from_str_radix(cols.get(3)?, 16).ok()?;
             let (tx, rx) = cols.get(4)?.split_once(':')?;
             let tx_queue = u64::from_str_radix(tx, 16).ok()?;
@@ -53,6 +56,7 @@ pub fn parse_tcp_table(text: &str) -> Vec<TcpRow> {
             let inode = cols.get(9)?.parse().ok()?;
             Some(TcpRow {
                 state,
+                local_port,
                 tx_queue,
                 rx_queue,
                 timer,
@@ -175,6 +179,7 @@ mod tests {
     fn row(state: u8, tx_queue: u64, rx_queue: u64, timer: u8, inode: u64) -> TcpRow {
         TcpRow {
             state,
+            local_port: 0,
             tx_queue,
             rx_queue,
             timer,
@@ -185,6 +190,14 @@ mod tests {
     #[test]
     fn parses_ipv4_rows_with_state_queues_and_inode() {
         let rows = parse_tcp_table(TCP);
+        assert_eq!(
+            rows.iter().map(|r| r.local_port).collect::<Vec<_>>(),
+            [0x1EC6, 0x1EC6, 0xD3F4]
+        );
+        let rows: Vec<TcpRow> = rows
+            .into_iter()
+            .map(|r| TcpRow { local_port: 0, ..r })
+            .collect();
         assert_eq!(
             rows,
             vec![
@@ -197,7 +210,10 @@ mod tests {
 
     #[test]
     fn parses_ipv6_rows_with_long_addresses() {
-        let rows = parse_tcp_table(TCP6);
+        let rows: Vec<TcpRow> = parse_tcp_table(TCP6)
+            .into_iter()
+            .map(|r| TcpRow { local_port: 0, ..r })
+            .collect();
         assert_eq!(
             rows,
             vec![
