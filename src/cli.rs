@@ -1,38 +1,24 @@
-//! The command line: flags -> [`Config`] -> [`Server`]. Nothing here is needed to embed the
-//! server; it exists so the binary stays a two-line `main` and so other programs (the load
-//! test re-executes itself as a server) can run exactly what `closewait` runs.
+//! The command line of a server process: flags -> [`Config`] -> [`Server`], and the start-up
+//! every closewait process shares (logging, the `listening on` line, exit codes).
+//!
+//! A service's own binary uses all of it: flatten [`ServerArgs`] into its clap parser, call
+//! [`init_logging`], and hand `Server::with_service(..)` to [`serve`] (see
+//! `examples/counter.rs`). Embedding the server in a larger program needs none of it: fill a
+//! [`Config`] and call [`Server::run`].
 
-use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::builder::TypedValueParser;
-use clap::{Parser, ValueEnum};
+use clap::ValueEnum;
 
-use crate::config::{self, Config, EofPolicy, WhenFull};
+use crate::config::{self, Config, WhenFull};
 use crate::{Server, Service};
 
-/// `closewait` command-line flags: the server's flags and the leaky demo switch.
-#[derive(Parser, Debug)]
-#[command(
-    name = "closewait",
-    version,
-    about = "A TCP server that never leaks a socket in CLOSE_WAIT"
-)]
-pub struct Args {
-    /// Every flag of a production server.
-    #[command(flatten)]
-    pub server: ServerArgs,
-    /// DEMO ONLY: reproduce the CLOSE_WAIT leak (never close on peer EOF, no cap, no idle timeout).
-    #[arg(long)]
-    pub leaky: bool,
-}
-
-/// The flags a service built on closewait reuses (flatten them into its own clap parser):
-/// every [`Config`] field an operator sets, and not the demo's `--leaky`, which has no place
-/// in a production service.
+/// Every server flag, for a service's binary to flatten into its own clap parser
+/// (`#[command(flatten)] server: ServerArgs`): every [`Config`] field an operator sets.
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
     /// Address to listen on (port 0 = let the OS pick; the chosen one is printed).
@@ -106,20 +92,6 @@ fn secs(n: u64) -> Option<Duration> {
     (n > 0).then(|| Duration::from_secs(n))
 }
 
-impl Args {
-    /// The [`Config`] these flags describe (signals handled, as a process should).
-    pub fn to_config(&self) -> Config {
-        Config {
-            eof_policy: if self.leaky {
-                EofPolicy::Leak
-            } else {
-                EofPolicy::Close
-            },
-            ..self.server.to_config()
-        }
-    }
-}
-
 impl ServerArgs {
     /// The [`Config`] these flags describe: signals handled, as a process should, and
     /// `tcp_user_timeout` following the idle timeout unless given.
@@ -149,28 +121,8 @@ impl ServerArgs {
             }),
             workers: self.workers,
             handle_signals: true,
-            eof_policy: EofPolicy::Close,
         }
     }
-}
-
-/// Run `closewait` with these arguments (the first is the program name), as the binary does:
-/// set up logging, bind, print `listening on IP:PORT` to stdout, serve until SIGINT/SIGTERM.
-pub fn run<I, T>(args: I) -> ExitCode
-where
-    I: IntoIterator<Item = T>,
-    T: Into<OsString> + Clone,
-{
-    let args = match Args::try_parse_from(args) {
-        Ok(args) => args,
-        Err(e) => {
-            // clap prints help/version to stdout and usage errors to stderr, with its own codes.
-            let _ = e.print();
-            return ExitCode::from(e.exit_code() as u8);
-        }
-    };
-    init_logging();
-    serve(Server::bind(args.to_config()))
 }
 
 /// What the binary does once it has a bound server (or a reason it has none): print

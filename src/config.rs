@@ -46,18 +46,6 @@ pub enum WhenFull {
     Reject,
 }
 
-/// What the server does when a peer's read returns 0 (the peer sent FIN).
-///
-/// This is the single switch between the reference server and the deliberately broken
-/// variant used by the load test; see [`crate::leak`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EofPolicy {
-    /// Answer what is buffered, flush, close, free the slot: the fix.
-    Close,
-    /// Do nothing, as the incident's server did: the socket stays in CLOSE_WAIT forever.
-    Leak,
-}
-
 /// Server configuration. `Config::default()` is what the binary runs with no flags.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -100,8 +88,6 @@ pub struct Config {
     pub workers: usize,
     /// Install SIGINT/SIGTERM handlers that trigger a graceful shutdown (the binary does).
     pub handle_signals: bool,
-    /// Reference behaviour or the deliberate CLOSE_WAIT leak.
-    pub eof_policy: EofPolicy,
 }
 
 impl Default for Config {
@@ -124,7 +110,6 @@ impl Default for Config {
             max_buffered: None,
             workers: 1,
             handle_signals: false,
-            eof_policy: EofPolicy::Close,
         }
     }
 }

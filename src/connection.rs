@@ -30,10 +30,10 @@ use mio::net::TcpStream;
 
 use crate::codec::{Codec, Decoded};
 use crate::leak;
+use crate::leak::EofPolicy;
 use crate::service::{Context, Reply, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
-use crate::EofPolicy;
 
 /// Size of the loop's read buffer: one read takes up to this much from a socket.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -778,6 +778,9 @@ fn too_large(held: usize, max: usize) -> Stop {
         "invalid request: {held} bytes exceed max_frame {max}"
     ))
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

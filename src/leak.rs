@@ -8,7 +8,18 @@
 //! incident's server got wrong. Never run it for real.
 
 use crate::connection::{Connection, Step};
-use crate::{Config, EofPolicy};
+use crate::Config;
+
+/// What the server does when a peer's read returns 0 (the peer sent FIN): the single switch
+/// between the reference server and the deliberately broken variant. Not part of the public
+/// API: only the `closewait` binary (`--leaky`) and the load test can choose `Leak`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EofPolicy {
+    /// Answer what is buffered, flush, close, free the slot: the fix.
+    Close,
+    /// Do nothing, as the incident's server did: the socket stays in CLOSE_WAIT forever.
+    Leak,
+}
 
 /// A read returned 0: the peer sent FIN and will send nothing more.
 ///
@@ -35,8 +46,8 @@ pub fn connection_cap(policy: EofPolicy, derived: usize) -> usize {
 /// keepalive probe to a vanished peer draws an RST that moves the socket out of CLOSE_WAIT,
 /// though its fd stays open, which would hide the leak from `ss` after a minute). The
 /// incident's server had none of them.
-pub fn defences(config: Config) -> Config {
-    match config.eof_policy {
+pub fn defences(policy: EofPolicy, config: Config) -> Config {
+    match policy {
         EofPolicy::Close => config,
         EofPolicy::Leak => Config {
             idle_timeout: None,
@@ -53,10 +64,7 @@ mod tests {
 
     #[test]
     fn the_leaky_variant_has_no_timer_that_could_reap_a_leaked_socket() {
-        let leaky = defences(Config {
-            eof_policy: EofPolicy::Leak,
-            ..Config::default()
-        });
+        let leaky = defences(EofPolicy::Leak, Config::default());
         assert_eq!(
             (
                 leaky.idle_timeout,
@@ -70,7 +78,7 @@ mod tests {
 
     #[test]
     fn the_reference_keeps_every_defence() {
-        let reference = defences(Config::default());
+        let reference = defences(EofPolicy::Close, Config::default());
         assert!(reference.idle_timeout.is_some() && reference.keepalive_time.is_some());
         assert_eq!(connection_cap(EofPolicy::Close, 100), 100);
     }

@@ -7,18 +7,35 @@
 //! built around not doing that, and around never being the process that hits the fd limit:
 //!
 //! - a read returning 0 (the peer's FIN) ends the connection in the same loop turn, after the
-//!   replies to what was already received are flushed ([`connection`], [`leak`]);
+//!   replies to what was already received are flushed (`connection`, `leak`);
 //! - the connection cap comes from `RLIMIT_NOFILE` minus a reserve, and at the cap the server
-//!   stops accepting instead of failing in `accept` ([`limits`]);
-//! - EMFILE/ENFILE on accept back off without spinning and recover by themselves ([`limits`]);
-//! - frame size, pending output, idle time and the time to finish a frame are bounded per
-//!   connection ([`frame`], [`connection`], [`timers`]), and the memory all connections hold
-//!   together is bounded too ([`memory`]);
+//!   stops accepting instead of failing in `accept` (`limits`);
+//! - EMFILE/ENFILE on accept back off without spinning and recover by themselves (`limits`);
+//! - request size, pending output, idle time and the time to finish a request are bounded
+//!   per connection whatever the wire format (`connection`, `timers`), and the memory all
+//!   connections hold together is bounded too (`memory`);
 //! - a close that may leave input unread lingers (shut down writing, discard input until the
 //!   peer's FIN), so the kernel sends FIN, not an RST that would destroy replies in flight
-//!   ([`connection`]).
+//!   (`connection`).
 //!
-//! # Using it
+//! # The API: a template for your server
+//!
+//! What is public is what a service author needs, and nothing more; everything above is
+//! internal and may change. The promise is this list:
+//!
+//! - [`Server`], [`Config`] and [`Handle`]: bind, run, stop, and read the counters
+//!   ([`stats::Stats`], read-only: a service reads them, only the server writes them).
+//! - [`Service`], [`Context`] and [`Reply`]: what a request means and how it is answered,
+//!   including an error that is the peer's fault (logged) or an ordinary answer (not), and
+//!   closing after a reply (QUIT).
+//! - [`Codec`] and [`Decoded`]: the wire format a service picks; [`LengthPrefixed`] (module
+//!   [`frame`]) is the default and the reference protocol's ([`service`] has its ops).
+//! - [`cli`]: the server flags and start-up of a service's own binary.
+//! - `testing` (feature `testing`): an in-process server, a client and fd/CLOSE_WAIT counts
+//!   for a service's tests.
+//!
+//! The deliberately leaky variant that the load test compares against is not reachable from
+//! this API: only the `closewait` binary (`--leaky`) and the load test can run it.
 //!
 //! ```
 //! use closewait::{Config, Server};
@@ -32,28 +49,31 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
-//! To serve another protocol over the same framing, implement [`Service`] and start the
-//! server with [`Server::with_service`]; nothing else changes (see `docs/template.md` and
-//! `examples/counter.rs`).
+//! To serve your own protocol, implement [`Service`] (and, for another wire format, a
+//! [`Codec`]) and start the server with [`Server::with_service`]; nothing else changes. See
+//! `docs/template.md`, `examples/counter.rs` (the default codec) and `examples/resp.rs` (the
+//! Redis protocol, driven by the real `redis-cli` and `redis-benchmark` in its tests).
 //!
 //! # Layout
 //!
-//! In suggested reading order:
+//! In suggested reading order (internal modules in plain text):
 //!
-//! 1. [`server`](Server) — the event loop: the only code that polls, closes and accepts.
-//! 2. [`connection`] — one connection's state machine: read, answer, flush, close.
-//! 3. [`leak`] — the one seam where the leaky variant (`--leaky`) differs.
-//! 4. [`frame`] — framing: length prefix, limits, partial frames; never what an op means.
-//! 5. [`service`] — the [`Service`] trait and the reference ECHO/PING/STATS service.
-//! 6. [`limits`] — the fd budget, the cap, the accept gate and the EMFILE back-off.
-//! 7. [`timers`] — idle, frame and linger deadlines in O(1).
-//! 8. [`memory`] — the memory budget over all connections, and whom it evicts.
+//! 1. `server` ([`Server`]) — the event loop: the only code that polls, closes and accepts.
+//! 2. `connection` — one connection's state machine: read, answer, flush, close.
+//! 3. `leak` — the one seam where the leaky variant (`--leaky`) differs.
+//! 4. [`codec`] — the wire-format trait; [`frame`] — the default codec: length prefix,
+//!    limits, partial frames; never what an op means.
+//! 5. [`service`] — the [`Service`] trait, [`Reply`], and the reference ECHO/PING/STATS service.
+//! 6. `limits` — the fd budget, the cap, the accept gate and the EMFILE back-off.
+//! 7. `timers` — idle, frame and linger deadlines in O(1).
+//! 8. `memory` — the memory budget over all connections, and whom it evicts.
 //! 9. `connections` — the slab registry: one connection, one entry, one registered fd.
 //! 10. `listener` — socket2 listener with an explicit backlog and inherited socket options.
 //! 11. [`stats`] — the counters behind STATS and the shutdown summary.
-//! 12. [`throttle`] — rate limit for log lines a peer can trigger.
-//! 13. [`config`] and [`cli`] — what an operator can set, and the thin binary around it.
-//! 14. [`procfs`] — counting a process's fds and CLOSE_WAIT sockets from `/proc`.
+//! 12. `throttle` — rate limit for log lines a peer can trigger.
+//! 13. [`config`] and [`cli`] — what an operator can set, and a server process's start-up.
+//! 14. `testing` — the test kit, with `testing::procfs`: a process's fds and CLOSE_WAIT
+//!     sockets from `/proc`.
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
@@ -64,22 +84,24 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
-pub mod connection;
+mod connection;
 mod connections;
+#[doc(hidden)]
+pub mod demo;
 pub mod frame;
-pub mod leak;
-pub mod limits;
+mod leak;
+mod limits;
 mod listener;
-pub mod memory;
+mod memory;
 mod server;
 pub mod service;
 pub mod stats;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod throttle;
-pub mod timers;
+mod throttle;
+mod timers;
 
 pub use codec::{Codec, Decoded, LengthPrefixed};
-pub use config::{Config, EofPolicy, WhenFull};
+pub use config::{Config, WhenFull};
 pub use server::{Handle, Server};
 pub use service::{Context, Reply, Service};

@@ -174,11 +174,6 @@ pub enum Transition {
 }
 
 impl AcceptGate {
-    /// The current gate.
-    pub fn gate(&self) -> Gate {
-        self.gate
-    }
-
     /// Whether the listener should be accepted from (and registered) now.
     pub fn is_open(&self) -> bool {
         self.gate == Gate::Open

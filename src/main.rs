@@ -1,5 +1,5 @@
-//! The `closewait` binary: a thin layer over [`closewait::cli::run`].
+//! The `closewait` binary: a thin layer over [`closewait::demo::run`].
 
 fn main() -> std::process::ExitCode {
-    closewait::cli::run(std::env::args_os())
+    closewait::demo::run(std::env::args_os())
 }

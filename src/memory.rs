@@ -37,6 +37,7 @@ impl MemoryBudget {
     }
 
     /// Bytes held now.
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.held
     }

@@ -23,12 +23,13 @@ use signal_hook_mio::v1_0::Signals;
 use crate::codec::Codec;
 use crate::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
 use crate::connections::Registry;
+use crate::leak::{self, EofPolicy};
 use crate::limits::{self, AcceptError, AcceptGate, Transition};
 use crate::memory::{self, MemoryBudget};
 use crate::service::{Reference, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
-use crate::{leak, listener, Config, EofPolicy, WhenFull};
+use crate::{listener, Config, WhenFull};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -65,6 +66,7 @@ const STATE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// ```
 pub struct Server<S = Reference> {
     config: Config,
+    eof_policy: EofPolicy,
     local_addr: SocketAddr,
     workers: Vec<WorkerParts>,
     shared: Arc<Shared>,
@@ -128,8 +130,21 @@ impl<S: Service + 'static> Server<S> {
     /// per worker thread.
     ///
     /// This raises `RLIMIT_NOFILE` to its hard limit, derives the connection cap (see
-    /// [`crate::limits`]), opens the listener(s) and, if asked, the signal handler.
+    /// `docs/fd-budget.md`), opens the listener(s) and, if asked, the signal handler.
     pub fn with_service<F>(config: Config, make_service: F) -> io::Result<Server<S>>
+    where
+        F: Fn() -> S + Send + Sync + 'static,
+    {
+        Server::with_policy(config, EofPolicy::Close, make_service)
+    }
+
+    /// [`Server::with_service`], with the reference behaviour on a peer's FIN or the leak
+    /// (only the demo binary and the load test ask for the leak, through `demo::run`).
+    pub(crate) fn with_policy<F>(
+        config: Config,
+        eof_policy: EofPolicy,
+        make_service: F,
+    ) -> io::Result<Server<S>>
     where
         F: Fn() -> S + Send + Sync + 'static,
     {
@@ -139,9 +154,9 @@ impl<S: Service + 'static> Server<S> {
                 format!("invalid configuration: {e}"),
             )
         })?;
-        let config = leak::defences(config);
+        let config = leak::defences(eof_policy, config);
         let workers = config.workers;
-        if config.eof_policy == EofPolicy::Leak {
+        if eof_policy == EofPolicy::Leak {
             log::warn!(
                 "LEAKY MODE: this server deliberately never closes a connection whose peer closed \
                  (it stays in CLOSE_WAIT), and has no connection cap and no idle timeout. It WILL \
@@ -168,7 +183,7 @@ impl<S: Service + 'static> Server<S> {
                 budget.allowed
             );
         }
-        let cap = leak::connection_cap(config.eof_policy, budget.max_connections);
+        let cap = leak::connection_cap(eof_policy, budget.max_connections);
         log::info!(
             "fd limit: soft {} (was {}), hard {}; {} fds open at start; max_connections {}",
             nofile.soft,
@@ -255,6 +270,7 @@ impl<S: Service + 'static> Server<S> {
         });
         Ok(Server {
             config,
+            eof_policy,
             local_addr,
             workers: parts,
             shared,
@@ -279,6 +295,7 @@ impl<S: Service + 'static> Server<S> {
     pub fn run(self) -> io::Result<()> {
         let Server {
             config,
+            eof_policy,
             local_addr,
             workers,
             shared,
@@ -297,13 +314,13 @@ impl<S: Service + 'static> Server<S> {
                 .name(format!("closewait-{index}"))
                 .spawn(move || {
                     let (config, shared, make_service) = worker;
-                    Worker::new(index, parts, &config, shared, make_service()).run()
+                    Worker::new(index, parts, &config, eof_policy, shared, make_service()).run()
                 })?;
             threads.push(thread);
         }
         let mut result = match first {
             Some((parts, (config, shared, make_service))) => {
-                Worker::new(0, parts, &config, shared, make_service()).run()
+                Worker::new(0, parts, &config, eof_policy, shared, make_service()).run()
             }
             None => Ok(()),
         };
@@ -388,6 +405,7 @@ impl<S: Service> Worker<S> {
         index: usize,
         parts: WorkerParts,
         config: &Config,
+        eof_policy: EofPolicy,
         shared: Arc<Shared>,
         service: S,
     ) -> Worker<S> {
@@ -428,7 +446,7 @@ impl<S: Service> Worker<S> {
             when_full: config.when_full,
             max_frame: config.max_frame,
             max_pending_output: config.max_pending_output,
-            eof_policy: config.eof_policy,
+            eof_policy,
             drain_timeout: config.drain_timeout,
             frame_timeout: config.frame_timeout,
             linger: config.linger_timeout.is_some(),

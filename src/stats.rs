@@ -83,7 +83,8 @@ counters! {
     Workers => "workers",
 }
 
-/// The process-wide counters. Cheap to update from the loop, safe to read from anywhere.
+/// The process-wide counters. Cheap to update from the loop, safe to read from anywhere;
+/// only the server updates them (a service, a handle and a test read them).
 #[derive(Debug, Default)]
 pub struct Stats {
     values: [AtomicU64; Counter::ALL.len()],
@@ -96,17 +97,17 @@ impl Stats {
     }
 
     /// Add `n` to `counter`.
-    pub fn add(&self, counter: Counter, n: u64) {
+    pub(crate) fn add(&self, counter: Counter, n: u64) {
         self.values[counter as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Subtract `n` from a gauge such as [`Counter::Active`].
-    pub fn sub(&self, counter: Counter, n: u64) {
+    pub(crate) fn sub(&self, counter: Counter, n: u64) {
         self.values[counter as usize].fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Set `counter` to `n` (used for configuration values such as the cap).
-    pub fn set(&self, counter: Counter, n: u64) {
+    pub(crate) fn set(&self, counter: Counter, n: u64) {
         self.values[counter as usize].store(n, Ordering::Relaxed);
     }
 

@@ -3,7 +3,7 @@
 //! `cargo run -p loadtest` builds only this package, so on a fresh clone there is no
 //! `closewait` binary to start. The load test therefore re-executes itself with this hidden
 //! subcommand, which sets the fd limit (soft and hard, as `prlimit --nofile=N:N` would) and
-//! then runs exactly what the `closewait` binary runs: [`closewait::cli::run`].
+//! then runs exactly what the `closewait` binary runs: [`closewait::demo::run`].
 //!
 //! It can also pin itself to one cpu (`--cpu`), which `compare` uses to keep the servers and
 //! its clients on different cpus: on two cores the scheduler otherwise often queues a client
@@ -43,7 +43,7 @@ pub fn run(args: Args) -> ExitCode {
             eprintln!("loadtest serve: cannot pin to cpu {cpu} ({e}); running unpinned");
         }
     }
-    closewait::cli::run(std::iter::once("closewait".to_string()).chain(args.server_args))
+    closewait::demo::run(std::iter::once("closewait".to_string()).chain(args.server_args))
 }
 
 /// Restrict the calling thread to `cpu`; threads it starts afterwards inherit the mask.

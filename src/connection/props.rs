@@ -1,4 +1,5 @@
-//! Framing on the real read path: a [`Connection`] fed a random stream over loopback, split
+//! Property tests of framing on the real read path (run with the unit tests, since a
+//! connection is internal): a [`Connection`] fed a random stream over loopback, split
 //! into random reads, must call the service with exactly the frames [`frame::decode`] finds
 //! in the stream in one piece, refuse the same length with the same ERROR frame, and never
 //! hold memory for bytes the peer did not send.
@@ -12,13 +13,13 @@ use std::net::{Shutdown, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use closewait::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
-use closewait::frame::{self, FrameError, HEADER_LEN};
-use closewait::service::{Context, Reply, Service, ERROR};
-use closewait::stats::Stats;
-use closewait::throttle::Throttle;
-use closewait::EofPolicy;
-use closewait::{Decoded, LengthPrefixed};
+use super::{CloseReason, Connection, Io, Step, READ_CHUNK};
+use crate::frame::{self, FrameError, HEADER_LEN};
+use crate::leak::EofPolicy;
+use crate::service::{Context, Reply, Service, ERROR};
+use crate::stats::Stats;
+use crate::throttle::Throttle;
+use crate::{Decoded, LengthPrefixed};
 use mio::net::TcpStream;
 use proptest::collection::vec;
 use proptest::prelude::*;
