@@ -1,6 +1,7 @@
 //! The command line: help, the listening line, and bad values refused at start-up.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::process::Command;
 
 fn closewait(args: &[&str]) -> std::process::Output {
@@ -76,4 +77,47 @@ fn an_address_in_use_is_a_clear_error_not_a_panic() {
         log.contains(&format!("cannot listen on {addr}")) && log.contains("in use"),
         "{log}"
     );
+}
+
+/// The example binary cargo built for this test run.
+fn counter_binary() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_closewait"));
+    let path = bin
+        .parent()
+        .expect("the closewait binary has a directory")
+        .join("examples")
+        .join(format!("counter{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} does not exist: run the whole suite with `cargo test` (which builds examples), \
+         or `cargo build --examples` before `cargo test --test example_counter`",
+        path.display()
+    );
+    path
+}
+
+/// A service built on the template reuses the server's flags but must not ship the demo's
+/// switch that turns on the fd leak.
+#[test]
+fn the_example_offers_the_server_flags_but_not_leaky() {
+    let out = std::process::Command::new(counter_binary())
+        .arg("--help")
+        .output()
+        .expect("run counter --help");
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--max-connections",
+        "--idle-timeout",
+        "--workers",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+    assert!(!help.contains("--leaky"), "--leaky offered:\n{help}");
+    let refused = std::process::Command::new(counter_binary())
+        .arg("--leaky")
+        .output()
+        .expect("run counter --leaky");
+    assert!(!refused.status.success(), "counter accepted --leaky");
 }

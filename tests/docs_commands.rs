@@ -515,6 +515,55 @@ fn scripts_behave_as_the_docs_describe() {
     server.wait_for_fds(baseline);
 }
 
+/// Every Rust block of docs/template.md is code that compiles and runs: an excerpt, verbatim
+/// (indentation aside), of a file that is built and tested, and the test file it shows whole
+/// is that file.
+#[test]
+fn template_rust_blocks_are_the_code_they_quote() {
+    let sources: Vec<(&str, String)> = [
+        "examples/counter.rs",
+        "examples/resp.rs",
+        "tests/example_counter.rs",
+        "src/service.rs",
+        "src/codec.rs",
+    ]
+    .into_iter()
+    .map(|path| (path, read_doc(path)))
+    .collect();
+    let template = read_doc("docs/template.md");
+    let rust: Vec<String> = blocks(&template)
+        .into_iter()
+        .filter(|b| b.lang == "rust")
+        .map(|b| b.text)
+        .collect();
+    assert!(rust.len() >= 8, "only {} rust blocks", rust.len());
+    for block in &rust {
+        let found = sources.iter().any(|(_, text)| {
+            (0..=8).step_by(4).any(|indent| {
+                let pad = " ".repeat(indent);
+                let shifted: String = block
+                    .lines()
+                    .map(|l| match l.is_empty() {
+                        true => "\n".to_string(),
+                        false => format!("{pad}{l}\n"),
+                    })
+                    .collect();
+                text.contains(&shifted)
+            })
+        });
+        assert!(
+            found,
+            "docs/template.md shows code found in none of {:?}:\n{block}",
+            sources.iter().map(|(p, _)| p).collect::<Vec<_>>()
+        );
+    }
+    let whole = read_doc("tests/example_counter.rs");
+    assert!(
+        rust.contains(&whole),
+        "docs/template.md must show tests/example_counter.rs whole, as it is"
+    );
+}
+
 #[test]
 fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
     // These install files, start services or bind fixed ports; they were run by hand on
@@ -533,7 +582,16 @@ fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
     template.not_run(
         "cargo run --release --example counter",
         "no cargo inside cargo test; .ci/docs-commands runs it as written, and the example \
-         binary is run by tests/example_counter.rs and template_snippet_talks_to_the_counter_example",
+         binary is run by template_snippet_talks_to_the_counter_example",
+    );
+    template.not_run(
+        "cargo run --release --example resp",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written",
+    );
+    template.not_run(
+        "redis-cli -p 7878 SET greeting hello",
+        ".ci/docs-commands runs them against the resp example as written; \
+         tests/example_resp.rs runs the same clients in-process",
     );
     template.finish();
     Ledger::new("docs/architecture.md").finish();
