@@ -83,6 +83,9 @@ pub struct Config {
     pub handle_signals: bool,
     /// Reference behaviour or the deliberate CLOSE_WAIT leak.
     pub eof_policy: EofPolicy,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` on a thread of its own; `None` = off.
+    /// Port 0 lets the OS pick (see [`crate::Server::metrics_addr`]).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -103,6 +106,7 @@ impl Default for Config {
             workers: 1,
             handle_signals: false,
             eof_policy: EofPolicy::Close,
+            metrics: None,
         }
     }
 }

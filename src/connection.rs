@@ -16,6 +16,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -143,6 +144,9 @@ pub struct Io<'a, S> {
     pub max_pending_output: usize,
     /// The reference behaviour or the leak.
     pub eof_policy: EofPolicy,
+    /// Set when a read returned 0 (the peer's FIN): the start of its FIN-to-close time, kept
+    /// by the loop (not the connection, so an idle connection stays small) until it closes.
+    pub eof_at: Option<Instant>,
 }
 
 /// A client connection and its state.
@@ -296,6 +300,7 @@ impl Connection {
             }
             match self.stream.read(io.input) {
                 Ok(0) => {
+                    io.eof_at = Some(Instant::now());
                     step = leak::on_read_eof(io.eof_policy, self);
                     if self.state == State::Leaked {
                         io.stats.add(Counter::Leaked, 1);
@@ -498,7 +503,7 @@ mod tests {
 
     use std::net::{Shutdown, TcpListener};
     use std::thread;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use mio::{Events, Interest, Poll, Token};
 
@@ -548,6 +553,7 @@ mod tests {
                 max_frame: 1 << 20,
                 max_pending_output: 1 << 20,
                 eof_policy: EofPolicy::Close,
+                eof_at: None,
             }
         }
     }

@@ -49,6 +49,7 @@
 //! 11. [`throttle`] — rate limit for log lines a peer can trigger.
 //! 12. [`config`] and [`cli`] — what an operator can set, and the thin binary around it.
 //! 13. [`procfs`] — counting a process's fds and CLOSE_WAIT sockets from `/proc`.
+//! 14. `metrics` — the Prometheus endpoint (`--metrics`), on a thread of its own.
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
@@ -64,6 +65,7 @@ pub mod frame;
 pub mod leak;
 pub mod limits;
 mod listener;
+mod metrics;
 pub mod procfs;
 mod server;
 pub mod service;

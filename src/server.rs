@@ -8,6 +8,7 @@
 //! With `workers > 1` each worker thread runs this same loop with its own poll, slab and
 //! `SO_REUSEPORT` listener, and its share of the connection cap; counters are shared.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,7 @@ use crate::limits::{self, AcceptError, AcceptGate, Transition};
 use crate::service::{self, Reference, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
-use crate::{frame, leak, listener, Config, EofPolicy, WhenFull};
+use crate::{frame, leak, listener, metrics, Config, EofPolicy, WhenFull};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -67,6 +68,7 @@ pub struct Server<S = Reference> {
     workers: Vec<WorkerParts>,
     shared: Arc<Shared>,
     make_service: Arc<dyn Fn() -> S + Send + Sync>,
+    metrics: Option<metrics::Exporter>,
 }
 
 struct WorkerParts {
@@ -146,6 +148,8 @@ impl<S: Service + 'static> Server<S> {
             );
         }
         let nofile = limits::raise_nofile_limit()?;
+        // Before counting fds, so the budget knows the metrics listener's.
+        let metrics = config.metrics.map(metrics::Exporter::bind).transpose()?;
         let open_at_start = count_own_fds();
         let budget =
             limits::derive_budget(nofile.soft, open_at_start, workers, config.max_connections)
@@ -225,12 +229,19 @@ impl<S: Service + 'static> Server<S> {
             workers: parts,
             shared,
             make_service: Arc::new(make_service),
+            metrics,
         })
     }
 
     /// The address the server listens on (with the port the OS chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the Prometheus endpoint ([`Config::metrics`]), with the port the OS
+    /// chose for port 0; `None` when metrics are off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(metrics::Exporter::local_addr)
     }
 
     /// A handle to stop the server or read its counters from another thread.
@@ -249,8 +260,15 @@ impl<S: Service + 'static> Server<S> {
             workers,
             shared,
             make_service,
+            metrics,
         } = self;
         log::info!("serving {local_addr} with {} worker(s)", workers.len());
+        let metrics = match metrics {
+            Some(exporter) => Some(exporter.spawn(Handle {
+                shared: shared.clone(),
+            })?),
+            None => None,
+        };
         let mut threads = Vec::new();
         let mut first = None;
         for (index, parts) in workers.into_iter().enumerate() {
@@ -284,6 +302,10 @@ impl<S: Service + 'static> Server<S> {
             if result.is_ok() {
                 result = outcome;
             }
+        }
+        // Last, so the drain can be watched; a scrape in progress ends within its timeouts.
+        if let Some(metrics) = metrics {
+            metrics.stop();
         }
         log::info!("stopped; {}", shared.stats.summary());
         result
@@ -321,6 +343,9 @@ struct Worker<S> {
     closing: Vec<(Token, CloseReason)>,
     /// Connections to run again next turn without an event (read budget spent, or resumed).
     again: Vec<Token>,
+    /// When each connection whose peer sent FIN read its 0, until it closes (FIN-to-close
+    /// histogram). Kept here, not in `Connection`: only closing connections pay for it.
+    eof_at: HashMap<Token, Instant>,
     drain_deadline: Option<Instant>,
     warn: Throttle,
     state_log: Throttle,
@@ -363,6 +388,7 @@ impl<S: Service> Worker<S> {
             output: Vec::with_capacity(READ_CHUNK),
             closing: Vec::new(),
             again: Vec::new(),
+            eof_at: HashMap::new(),
             drain_deadline: None,
             warn: Throttle::default(),
             state_log: Throttle::new(1, STATE_LOG_INTERVAL),
@@ -475,8 +501,12 @@ impl<S: Service> Worker<S> {
             max_frame: self.max_frame,
             max_pending_output: self.max_pending_output,
             eof_policy: self.eof_policy,
+            eof_at: None,
         };
         let step = f(conn, &mut io);
+        if let Some(at) = io.eof_at {
+            self.eof_at.insert(token, at);
+        }
         if conn.take_progress() {
             self.registry.touch(token, now);
         }
@@ -515,6 +545,10 @@ impl<S: Service> Worker<S> {
                 }
             } else {
                 log::debug!("{}: closed: {reason}", conn.peer());
+            }
+            drop(conn); // close(2)
+            if let Some(at) = self.eof_at.remove(&token) {
+                stats.observe_fin_to_close(at.elapsed());
             }
         }
         // A freed fd raises no event: if accept was paused (cap or EMFILE), retry now.
