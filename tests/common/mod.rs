@@ -21,6 +21,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The Prometheus endpoint, from the `metrics on IP:PORT` line (with `--metrics`).
+    pub metrics: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
     log_reader: Option<thread::JoinHandle<()>>,
 }
@@ -80,26 +82,35 @@ impl Server {
         thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let _ = tx.send(lines.next());
+            let _ = tx.send(lines.next());
             // Keep reading so the server never blocks on a full stdout pipe.
             for _ in lines {}
         });
-        let line = match rx.recv_timeout(WAIT) {
+        let mut next_line = |what: &str| match rx.recv_timeout(WAIT) {
             Ok(Some(Ok(line))) => line,
             other => {
                 let _ = child.kill();
                 panic!(
-                    "no 'listening on' line from closewait: {other:?}; log: {:?}",
+                    "no '{what}' line from closewait: {other:?}; log: {:?}",
                     log.lock().unwrap()
                 );
             }
         };
+        let line = next_line("listening on");
         let addr = line
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
+        let metrics = args.contains(&"--metrics").then(|| {
+            let line = next_line("metrics on");
+            line.strip_prefix("metrics on ")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected second stdout line {line:?}"))
+        });
         Server {
             child,
             addr,
+            metrics,
             log,
             log_reader: Some(log_reader),
         }
