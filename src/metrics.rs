@@ -508,11 +508,11 @@ fn read_dump(socket: &netlink_sys::Socket, inodes: &mut HashSet<u64>) -> io::Res
             let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..size])
                 .map_err(|e| bad(format!("netlink: {e}")))?;
             match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    // Inode 0: the owner already closed it (an orphan), so not ours.
-                    if response.header.inode != 0 {
-                        inodes.insert(u64::from(response.header.inode));
-                    }
+                // Inode 0: the owner already closed it (an orphan), so not ours.
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response))
+                    if response.header.inode != 0 =>
+                {
+                    inodes.insert(u64::from(response.header.inode));
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
