@@ -45,7 +45,7 @@ use prometheus_client::registry::Registry;
 
 use crate::stats::{Counter, HistogramSnapshot, Kind, Stats, FIN_TO_CLOSE_BOUNDS_NS};
 use crate::throttle::Throttle;
-use crate::{procfs, Handle};
+use crate::{limits, procfs, Handle};
 
 /// Time a scraper has to send its whole request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -374,8 +374,8 @@ impl Collector for Process {
             )?,
             Err(e) => log::warn!("metrics: cannot count open fds: {e}"),
         }
-        match rlimit::getrlimit(rlimit::Resource::NOFILE) {
-            Ok((soft, _)) => encode(
+        match limits::current_nofile_soft() {
+            Ok(soft) => encode(
                 &mut encoder,
                 "process_max_fds",
                 "Maximum number of open file descriptors (RLIMIT_NOFILE soft limit, read now).",

@@ -18,13 +18,14 @@ pub enum Kind {
     Gauge,
 }
 
-// One line per counter: `Variant => "stats_name", kind,` and, where the STATS value is not in
-// a base unit, the Prometheus name and the divisor that converts it
-// (`counter "accept_paused_seconds" / 1000`). Adding a counter is adding a line: STATS, the
-// summary and the metrics endpoint all follow `Counter::ALL`.
+// One line per counter: `Variant => "stats_name", kind,` and, where the STATS name lacks the
+// base unit Prometheus names want, the metric name (`gauge "max_buffered_bytes"`) and the
+// divisor that converts the value (`counter "accept_paused_seconds" / 1000`). Adding a
+// counter is adding a line: STATS, the summary and the metrics endpoint all follow
+// `Counter::ALL`.
 macro_rules! counters {
     ($($(#[doc = $doc:literal])*
-       $variant:ident => $name:literal, $kind:ident $($metric:literal / $divisor:literal)?,)*) => {
+       $variant:ident => $name:literal, $kind:ident $($metric:literal)? $(/ $divisor:literal)?,)*) => {
         /// A named counter or gauge. The STATS reply lists them in this order as `name value`.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Counter {
@@ -90,8 +91,14 @@ macro_rules! first {
 }
 
 counters! {
-    /// Connections open now.
+    /// Connections open now (lingering ones included).
     Active => "active", gauge,
+    /// Connections closing gracefully now: replies flushed, writing shut down, waiting for the
+    /// peer's FIN (or the linger timeout) while discarding its input.
+    Lingering => "lingering", gauge,
+    /// Bytes all connections hold now in partial frames and pending replies (allocated
+    /// capacity), against the memory budget.
+    BufferedBytes => "buffered_bytes", gauge,
     /// Connections accepted since start (rejected ones included).
     Accepted => "accepted", counter,
     /// Closed after the peer's FIN (read returned 0), replies flushed.
@@ -108,6 +115,10 @@ counters! {
     ClosedWriteStall => "closed_write_stall", counter,
     /// Closed by a graceful shutdown.
     ClosedShutdown => "closed_shutdown", counter,
+    /// Closed because a frame was not completed within the frame timeout (ERROR sent).
+    ClosedFrameTimeout => "closed_frame_timeout", counter,
+    /// Closed because it held the most memory when all connections passed the memory budget.
+    ClosedMemory => "closed_memory", counter,
     /// Sent "server full" and closed (`--when-full reject`).
     Rejected => "rejected", counter,
     /// Peer closes deliberately ignored by the leaky variant (sockets left in CLOSE_WAIT).
@@ -122,8 +133,11 @@ counters! {
     EmfileEvents => "emfile_events", counter,
     /// The connection cap in force (sum over workers).
     MaxConnections => "max_connections", gauge,
-    /// The process's RLIMIT_NOFILE soft limit after start-up raised it.
+    /// The process's RLIMIT_NOFILE soft limit: raised at start-up, re-read when accept fails
+    /// (an operator may change it under a running process with `prlimit --pid`).
     FdLimit => "fd_limit", gauge,
+    /// The memory budget for partial frames and pending replies, in bytes (0 = none).
+    MaxBuffered => "max_buffered", gauge "max_buffered_bytes",
     /// Event-loop threads.
     Workers => "workers", gauge,
 }

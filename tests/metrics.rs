@@ -7,6 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
 
+use closewait::stats::{Counter, Kind};
 use common::{wait_until, Server, WAIT};
 
 /// Run promtool, failing with how to get it rather than skipping when it is missing.
@@ -96,18 +97,22 @@ fn a_scrape_of_a_busy_server_passes_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Every STATS counter is exported, in base units, under a closewait_ name.
-    for name in stats.keys() {
-        let metric = match name.strip_suffix("_ms") {
-            Some(stem) => format!("closewait_{stem}_seconds"),
-            None => format!("closewait_{name}"),
+    // Every STATS counter is exported, under its closewait_ name, typed as the table says.
+    assert_eq!(stats.len(), Counter::ALL.len());
+    for &counter in Counter::ALL {
+        assert!(stats.contains_key(counter.name()));
+        let declared = match counter.kind() {
+            Kind::Counter => format!("# TYPE {}_total counter\n", counter.metric_name()),
+            Kind::Gauge => format!("# TYPE {} gauge\n", counter.metric_name()),
         };
         assert!(
-            body.contains(&format!("# TYPE {metric} "))
-                || body.contains(&format!("# TYPE {metric}_total counter")),
-            "STATS counter {name} is not exported as {metric}:\n{body}"
+            body.contains(&declared),
+            "STATS counter {} is not exported as {declared:?}:\n{body}",
+            counter.name()
         );
     }
+    // In base units: no milliseconds left.
+    assert!(!body.contains("_ms"), "{body}");
     // The fd figures are the process's own, read at scrape time.
     let open = value(&body, "process_open_fds");
     assert!(
@@ -142,7 +147,7 @@ fn the_limit_is_reread_at_each_scrape() {
     assert_eq!(
         value(&body, "closewait_fd_limit"),
         limit as f64,
-        "the start-up value stays as it was"
+        "fd_limit keeps the start-up value until an accept fails"
     );
 }
 
