@@ -209,6 +209,27 @@ fn the_reference_server_shows_no_close_wait_and_times_each_fin_to_close() {
     assert_eq!(value(&body, "closewait_fin_to_close_seconds_count"), 1.0);
 }
 
+/// A close decided by the server lingers (writing shut down, input discarded) until the
+/// peer's FIN: the read that returns 0 there starts a FIN-to-close time too.
+#[test]
+fn a_fin_read_while_lingering_is_timed_too() {
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let mut client = server.connect();
+    client.send_raw(&[0, 0, 0, 0]); // length 0: invalid, ERROR then a lingering close
+    let (op, _) = client.recv().expect("an ERROR frame");
+    assert_eq!(op, common::ERROR);
+    assert!(
+        client.at_eof(),
+        "the server shut down writing after the ERROR"
+    );
+    let body = wait_for(&server, "closewait_lingering", 1.0);
+    assert_eq!(value(&body, "closewait_fin_to_close_seconds_count"), 0.0);
+    client.half_close();
+    let body = wait_for(&server, "closewait_closed_protocol_total", 1.0);
+    assert_eq!(value(&body, "closewait_fin_to_close_seconds_count"), 1.0);
+    assert_eq!(value(&body, "closewait_lingering"), 0.0);
+}
+
 /// A scraper that sends half a request holds the metrics thread for its request timeout,
 /// never the event loop: the server answers PINGs while a second, well-behaved scrape is
 /// still queued behind it, and that scrape is answered once the slow one is cut off.
