@@ -331,6 +331,9 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// A figure the OS gives at scrape time.
+type ReadNow = fn() -> io::Result<u64>;
+
 /// Everything one scrape reports, read at scrape time.
 struct Process {
     handle: Handle,
@@ -353,35 +356,31 @@ impl Collector for Process {
             "Time from the read that returned 0 (the peer's FIN) to close() of the socket.",
             &fin,
         )?;
-        // What the OS says now, not what start-up saw: a failure leaves the metric out (and
-        // an `absent()` alert can notice) rather than reporting a made-up number.
-        match own_close_wait() {
-            Ok(n) => encode(
-                &mut encoder,
+        // What the OS says now, not what start-up saw. A failure leaves the metric out (an
+        // `absent()` alert can notice) rather than reporting a made-up number.
+        let read_now: [(&str, &str, ReadNow); 3] = [
+            (
                 "closewait_close_wait_sockets",
                 "This process's TCP sockets in CLOSE_WAIT (peer closed, not yet closed here), \
                  from netlink sock_diag as ss counts them.",
-                &ConstGauge::new(n as u64),
-            )?,
-            Err(e) => log::warn!("metrics: cannot count CLOSE_WAIT sockets: {e}"),
-        }
-        match open_fds() {
-            Ok(n) => encode(
-                &mut encoder,
+                own_close_wait,
+            ),
+            (
                 "process_open_fds",
                 "Number of open file descriptors.",
-                &ConstGauge::new(n),
-            )?,
-            Err(e) => log::warn!("metrics: cannot count open fds: {e}"),
-        }
-        match limits::current_nofile_soft() {
-            Ok(soft) => encode(
-                &mut encoder,
+                open_fds,
+            ),
+            (
                 "process_max_fds",
                 "Maximum number of open file descriptors (RLIMIT_NOFILE soft limit, read now).",
-                &ConstGauge::new(soft),
-            )?,
-            Err(e) => log::warn!("metrics: cannot read RLIMIT_NOFILE: {e}"),
+                limits::current_nofile_soft,
+            ),
+        ];
+        for (name, help, read) in read_now {
+            match read() {
+                Ok(value) => encode(&mut encoder, name, help, &ConstGauge::new(value))?,
+                Err(e) => log::warn!("metrics: cannot read {name}: {e}"),
+            }
         }
         Ok(())
     }
@@ -454,13 +453,13 @@ fn open_fds() -> io::Result<u64> {
 /// This process's CLOSE_WAIT sockets: the kernel lists every CLOSE_WAIT socket of the network
 /// namespace (filtered by state in the kernel, so a host full of TIME_WAIT costs nothing),
 /// and an inode found among our fds is ours. The fd scan is skipped when there are none.
-fn own_close_wait() -> io::Result<usize> {
+fn own_close_wait() -> io::Result<u64> {
     let close_wait = close_wait_inodes()?;
     if close_wait.is_empty() {
         return Ok(0);
     }
     let ours = procfs::socket_inodes(std::process::id())?;
-    Ok(close_wait.intersection(&ours).count())
+    Ok(close_wait.intersection(&ours).count() as u64)
 }
 
 /// Inodes of the TCP sockets (IPv4 and IPv6) in CLOSE_WAIT in this network namespace, asked
