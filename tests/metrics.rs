@@ -360,3 +360,23 @@ fn every_metric_the_alert_rules_use_is_in_a_real_scrape() {
         );
     }
 }
+
+#[test]
+fn a_metrics_address_in_use_is_a_clear_error_at_start() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_closewait"))
+        .args(["--listen", "127.0.0.1:0", "--metrics", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains(&format!("cannot listen for metrics on {addr}")),
+        "{log}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no listening line when start-up fails"
+    );
+}
