@@ -115,11 +115,13 @@ impl Registry {
 
     /// The earliest deadline of any kind.
     pub fn next_deadline(&self) -> Option<Instant> {
-        [&self.idle, &self.frame, &self.linger]
-            .into_iter()
-            .flatten()
-            .filter_map(DeadlineList::next_deadline)
-            .min()
+        let next =
+            |list: &Option<DeadlineList>| list.as_ref().and_then(DeadlineList::next_deadline);
+        let earliest = crate::server::earliest;
+        earliest(
+            next(&self.idle),
+            earliest(next(&self.frame), next(&self.linger)),
+        )
     }
 
     /// A connection whose idle deadline passed, taken off the idle list (still open).

@@ -345,6 +345,17 @@ impl<S: Service + 'static> Server<S> {
     }
 }
 
+/// The earlier of two optional deadlines (`None` is "never"). A plain fold, because
+/// `poll_timeout` runs every turn and iterator adapters over `Option`s cost more here.
+#[inline]
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
 /// Fds open in this process now (the directory handle used to count them excluded).
 fn count_own_fds() -> u64 {
     match std::fs::read_dir("/proc/self/fd") {
@@ -517,24 +528,19 @@ impl<S: Service> Worker<S> {
         {
             return Some(Duration::ZERO);
         }
-        [
-            self.registry.next_deadline(),
-            self.gate.retry_at(),
-            self.drain_deadline,
-        ]
-        .into_iter()
-        .chain(
-            [
+        let mut next = earliest(self.registry.next_deadline(), self.gate.retry_at());
+        next = earliest(next, self.drain_deadline);
+        if self.has_suppressed_lines() {
+            for throttle in [
                 &self.warn,
                 &self.state_log,
                 &self.emfile_log,
                 &self.recovery_log,
-            ]
-            .map(Throttle::report_due),
-        )
-        .flatten()
-        .min()
-        .map(|deadline| deadline.saturating_duration_since(now))
+            ] {
+                next = earliest(next, throttle.report_due());
+            }
+        }
+        next.map(|deadline| deadline.saturating_duration_since(now))
     }
 
     /// Run `f` on the connection behind `token` (if it is still open) and file its verdict;
@@ -551,6 +557,7 @@ impl<S: Service> Worker<S> {
         }
     }
 
+    #[inline]
     fn drive_one(
         &mut self,
         token: Token,
@@ -700,9 +707,21 @@ impl<S: Service> Worker<S> {
         self.reap(now);
     }
 
+    /// Whether any throttle dropped lines not yet reported (rare: checked first, since the
+    /// loop asks every turn).
+    fn has_suppressed_lines(&self) -> bool {
+        self.warn.report_due().is_some()
+            || self.state_log.report_due().is_some()
+            || self.emfile_log.report_due().is_some()
+            || self.recovery_log.report_due().is_some()
+    }
+
     /// Say how many lines each throttle dropped once its window is over, even when no later
     /// line comes to carry the count (a burst of 3,000 idle closes, then silence).
     fn report_suppressed(&mut self, now: Instant) {
+        if !self.has_suppressed_lines() {
+            return;
+        }
         for (throttle, what) in [
             (&mut self.warn, "warnings about peers"),
             (&mut self.state_log, "connection-cap lines"),

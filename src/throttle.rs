@@ -22,6 +22,9 @@ pub struct Throttle {
     used: u32,
     suppressed: u64,
     reported: u64,
+    /// When the dropped lines not yet reported are due to be reported (kept, not computed,
+    /// because the loop asks every turn).
+    report_at: Option<Instant>,
 }
 
 impl Default for Throttle {
@@ -40,6 +43,7 @@ impl Throttle {
             used: 0,
             suppressed: 0,
             reported: 0,
+            report_at: None,
         }
     }
 
@@ -62,28 +66,29 @@ impl Throttle {
             true
         } else {
             self.suppressed += 1;
+            self.report_at = self.window_start.map(|start| start + self.window);
             false
         }
     }
 
     /// When the count of dropped lines not yet reported should be logged: the end of the
     /// current window, if any line was dropped in it. The loop wakes up for it.
+    #[inline]
     pub fn report_due(&self) -> Option<Instant> {
-        if self.suppressed == self.reported {
-            return None;
-        }
-        self.window_start.map(|start| start + self.window)
+        self.report_at
     }
 
     /// Lines dropped and not yet reported, with the window length, once the window they were
     /// dropped in is over (then they count as reported).
     pub fn take_overdue(&mut self, now: Instant) -> Option<(u64, Duration)> {
-        if self.report_due().is_some_and(|due| due <= now) {
-            let new = self.suppressed - self.reported;
-            self.reported = self.suppressed;
-            Some((new, self.window))
-        } else {
-            None
+        match self.report_at {
+            Some(due) if due <= now => {
+                let new = self.suppressed - self.reported;
+                self.reported = self.suppressed;
+                self.report_at = None;
+                Some((new, self.window))
+            }
+            _ => None,
         }
     }
 
@@ -91,6 +96,7 @@ impl Throttle {
     pub fn suppressed_note(&mut self) -> String {
         let new = self.suppressed - self.reported;
         self.reported = self.suppressed;
+        self.report_at = None;
         if new == 0 {
             String::new()
         } else {
