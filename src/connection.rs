@@ -23,11 +23,13 @@
 //! at all. Handlers return a [`Step`]; a connection never removes itself — the loop does that,
 //! once, through its one close path.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use mio::net::TcpStream;
+use mio::Token;
 
 use crate::frame::{self, Decoded, FrameError, HEADER_LEN};
 use crate::leak;
@@ -197,9 +199,11 @@ pub struct Io<'a, S> {
     pub eof_policy: EofPolicy,
     /// Whether graceful closes linger (`--linger-timeout` is not 0).
     pub linger: bool,
-    /// Set when a read returned 0 (the peer's FIN): the start of its FIN-to-close time, kept
-    /// by the loop (not the connection, so an idle connection stays small) until it closes.
-    pub eof_at: Option<Instant>,
+    /// When a read returned 0 (the peer's FIN), by token, until the loop closes the socket:
+    /// the FIN-to-close clock, kept by the loop so an idle connection stays small.
+    pub fins: &'a mut HashMap<Token, Instant>,
+    /// The token of the connection being driven.
+    pub token: Token,
 }
 
 /// A client connection and its state.
@@ -454,7 +458,7 @@ impl Connection {
             }
             match self.stream.read(io.input) {
                 Ok(0) => {
-                    io.eof_at = Some(Instant::now());
+                    io.fins.insert(io.token, Instant::now());
                     step = leak::on_read_eof(io.eof_policy, self);
                     if self.state == State::Leaked {
                         io.stats.add(Counter::Leaked, 1);
@@ -632,7 +636,7 @@ impl Connection {
         for _ in 0..READS_PER_TURN {
             match self.stream.read(io.input) {
                 Ok(0) => {
-                    io.eof_at = Some(Instant::now());
+                    io.fins.insert(io.token, Instant::now());
                     return Step::Close(why.reason());
                 }
                 Ok(n) => {
@@ -746,6 +750,7 @@ mod tests {
         service: Reference,
         stats: Stats,
         warn: Throttle,
+        fins: HashMap<Token, Instant>,
     }
 
     impl Parts {
@@ -757,6 +762,7 @@ mod tests {
                 service: Reference,
                 stats: Stats::default(),
                 warn: Throttle::default(),
+                fins: HashMap::new(),
             }
         }
 
@@ -771,7 +777,8 @@ mod tests {
                 max_pending_output: 1 << 20,
                 eof_policy: EofPolicy::Close,
                 linger: true,
-                eof_at: None,
+                fins: &mut self.fins,
+                token: Token(0),
             }
         }
     }

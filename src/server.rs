@@ -389,8 +389,11 @@ struct Worker<S> {
     /// just lingering).
     again: Vec<Token>,
     memory: MemoryBudget,
-    /// When each connection whose peer sent FIN read its 0, until it closes (FIN-to-close
-    /// histogram). Kept here, not in `Connection`: only closing connections pay for it.
+    /// When each connection read its peer's FIN (filled through `Io::fins`), until `reap`
+    /// closes it: the FIN-to-close histogram. Kept here, not in `Connection`, so only closing
+    /// connections pay for it; it holds about one turn's FINs (at most one per event), plus
+    /// connections still flushing to a half-closed peer (and, in the leaky variant, every
+    /// leaked one).
     eof_at: HashMap<Token, Instant>,
     drain_deadline: Option<Instant>,
     warn: Throttle,
@@ -578,12 +581,10 @@ impl<S: Service> Worker<S> {
             max_pending_output: self.max_pending_output,
             eof_policy: self.eof_policy,
             linger: self.linger,
-            eof_at: None,
+            fins: &mut self.eof_at,
+            token,
         };
         let step = f(conn, &mut io);
-        if let Some(at) = io.eof_at {
-            self.eof_at.insert(token, at);
-        }
         let held_after = conn.buffered();
         let progressed = conn.take_progress();
         let (began, in_frame) = (conn.take_frame_began(), conn.in_frame());
