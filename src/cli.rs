@@ -35,7 +35,8 @@ pub struct Args {
 /// in a production service.
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed).
+    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed). Ignored
+    /// when systemd passes a listening socket (socket activation, LISTEN_FDS).
     #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Largest frame body a peer may send, in bytes.
@@ -130,6 +131,7 @@ impl ServerArgs {
             drain_timeout: Duration::from_secs(self.drain_timeout),
             workers: self.workers,
             handle_signals: true,
+            systemd: true,
             eof_policy: EofPolicy::Close,
         }
     }

@@ -49,6 +49,7 @@
 //! 11. [`throttle`] — rate limit for log lines a peer can trigger.
 //! 12. [`config`] and [`cli`] — what an operator can set, and the thin binary around it.
 //! 13. [`procfs`] — counting a process's fds and CLOSE_WAIT sockets from `/proc`.
+//! 14. [`systemd`] — socket activation (`LISTEN_FDS`) and readiness notification.
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
@@ -68,6 +69,7 @@ pub mod procfs;
 mod server;
 pub mod service;
 pub mod stats;
+pub mod systemd;
 pub mod throttle;
 pub mod timers;
 
