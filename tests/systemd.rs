@@ -6,30 +6,11 @@ mod common;
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fleet::{Fleet, Tally};
 use common::*;
-
-/// A directory of its own for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("closewait-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").expect("bind a listener to pass")
@@ -43,7 +24,9 @@ fn notify_socket_gets_ready_once_listening_and_stopping_when_the_drain_starts() 
     notify.set_read_timeout(Some(WAIT)).unwrap();
     let receive = || {
         let mut buf = [0; 512];
-        let n = notify.recv(&mut buf).expect("a notification within the wait");
+        let n = notify
+            .recv(&mut buf)
+            .expect("a notification within the wait");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let mut server = Server::start_activated(
@@ -54,10 +37,7 @@ fn notify_socket_gets_ready_once_listening_and_stopping_when_the_drain_starts() 
     let ready = receive();
     assert_eq!(
         ready,
-        format!(
-            "READY=1\nSTATUS=serving {} with 1 worker(s)\n",
-            server.addr
-        )
+        format!("READY=1\nSTATUS=serving {} with 1 worker(s)\n", server.addr)
     );
     server.connect().ping();
     server.terminate();
@@ -92,7 +72,11 @@ fn a_restart_on_a_socket_held_by_systemd_refuses_nobody_and_loses_no_request() {
     let mut logs = Vec::new();
     for generation in 1..=RESTARTS {
         server.terminate();
-        assert_eq!(server.wait_exit(WAIT), Some(0), "exit of server {generation}");
+        assert_eq!(
+            server.wait_exit(WAIT),
+            Some(0),
+            "exit of server {generation}"
+        );
         let stopped = Instant::now();
         logs.push(server.log());
         let answered_before = fleet.answered();
@@ -181,7 +165,12 @@ fn variables_meant_for_another_process_are_ignored() {
 fn a_passed_socket_that_is_not_listening_is_refused_with_the_reason() {
     let bound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     bound
-        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
         .unwrap();
     let out = activated_command(bound.into(), &[])
         .args(["--listen", "127.0.0.1:0"])
@@ -207,7 +196,11 @@ fn run_briefly(mut cmd: Command) -> String {
     let listening = wait_until(WAIT, || read().contains("listening on"));
     let _ = child.kill();
     let _ = child.wait();
-    let text = format!("{}{}", read(), std::fs::read_to_string(&err).unwrap_or_default());
+    let text = format!(
+        "{}{}",
+        read(),
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
     assert!(listening, "no listening line: {text}");
     text
 }
