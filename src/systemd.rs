@@ -44,12 +44,14 @@ pub(crate) fn take_listener() -> io::Result<Option<Socket>> {
     match fds.len() {
         0 => return Ok(None),
         1 => {}
-        n => return Err(context(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
+        n => {
+            return Err(context(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
                 "{n} sockets passed; closewait serves one (one ListenStream= in the .socket unit)"
             ),
-        ))),
+            )))
+        }
     }
     if TAKEN.swap(true, Ordering::SeqCst) {
         return Err(context(io::Error::new(

@@ -4,9 +4,10 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fleet::{Fleet, Tally};
@@ -203,6 +204,48 @@ fn run_briefly(mut cmd: Command) -> String {
     );
     assert!(listening, "no listening line: {text}");
     text
+}
+
+/// systemd's own `systemd-socket-activate` holds the socket and starts closewait only when
+/// the first client connects (systemd's on-demand start): that client, which connected
+/// before any closewait ran, is answered.
+#[test]
+fn the_first_client_starts_it_through_systemd_socket_activate() {
+    let listener = listener();
+    let mut child = activated_command_via(
+        &["systemd-socket-activate"],
+        listener.try_clone().unwrap().into(),
+        &[],
+    )
+    .args(["--listen", "127.0.0.1:0"])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("run systemd-socket-activate (Debian package systemd; .ci/run installs it)");
+    let mut client = Client::connect(listener.local_addr().unwrap());
+    client.ping();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("listening on {}", listener.local_addr().unwrap())
+    );
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(client.at_eof(), "the drain closes the connection");
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("serving the listening socket passed by systemd"),
+        "{log}"
+    );
 }
 
 /// The shipped units, as `systemd-analyze verify` sees them: no error and no warning.

@@ -287,14 +287,21 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
 /// closewait (arguments to follow) started as systemd's socket activation starts it: `fd`
 /// as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` its pid, and `env` besides.
 pub fn activated_command(fd: OwnedFd, env: &[(&str, &str)]) -> Command {
+    activated_command_via(&[], fd, env)
+}
+
+/// [`activated_command`] through `wrapper` (a program that takes the socket the same way and
+/// runs closewait with it, such as `systemd-socket-activate`).
+pub fn activated_command_via(wrapper: &[&str], fd: OwnedFd, env: &[(&str, &str)]) -> Command {
     // The shell moves the socket from stdin to fd 3 and knows the pid that exec keeps: what
     // systemd does between fork and exec, without unsafe pre_exec code in a test.
     let mut cmd = command("sh");
     cmd.args([
         "-c",
         r#"export LISTEN_PID=$$; exec "$0" "$@" 3<&0 </dev/null"#,
-        env!("CARGO_BIN_EXE_closewait"),
-    ]);
+    ])
+    .args(wrapper)
+    .arg(env!("CARGO_BIN_EXE_closewait"));
     cmd.stdin(Stdio::from(fd))
         .env("LISTEN_FDS", "1")
         .envs(env.iter().copied());
