@@ -175,4 +175,57 @@ mod tests {
             "TCP_USER_TIMEOUT not inherited"
         );
     }
+
+    /// A socket systemd passed is served like one bound here: same inherited options, and
+    /// every worker gets the one socket (same address, no sibling of its own).
+    #[test]
+    fn a_passed_socket_is_shared_by_the_workers_with_the_same_options() {
+        let config = Config {
+            keepalive_time: Some(Duration::from_secs(42)),
+            ..Config::default()
+        };
+        let passed = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        passed
+            .bind(&SockAddr::from(
+                "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+            ))
+            .unwrap();
+        passed.listen(1).unwrap();
+        let addr = passed.local_addr().unwrap().as_socket().unwrap();
+        let mut listeners = open_all(&config, 2, Some(passed)).unwrap();
+        assert_eq!(listeners.len(), 2);
+        for listener in &listeners {
+            assert_eq!(listener.local_addr().unwrap(), addr);
+        }
+        let mut poll = mio::Poll::new().unwrap();
+        poll.registry()
+            .register(&mut listeners[1], mio::Token(1), mio::Interest::READABLE)
+            .unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
+        let (accepted, _) = listeners[1].accept().expect("the connection within 5 s");
+        // The other copy finds the queue empty and says so: systemd passes a blocking
+        // socket, and a blocking accept would hang the loop.
+        assert!(
+            matches!(listeners[0].accept(), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "the passed socket was not made non-blocking"
+        );
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.tcp_nodelay().unwrap(), "TCP_NODELAY not set");
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+    }
+
+    #[test]
+    fn a_passed_socket_that_is_not_listening_is_refused() {
+        let bound = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        bound
+            .bind(&SockAddr::from(
+                "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+            ))
+            .unwrap();
+        let e = open_all(&Config::default(), 1, Some(bound)).unwrap_err();
+        assert!(e.to_string().contains("not a listening TCP socket"), "{e}");
+    }
 }
