@@ -169,7 +169,7 @@ fn one_instance_drained_and_restarted_under_load_behind_haproxy_loses_no_request
 
     let (tally, late_tally) = (fleet.stop(), late.stop());
     eprintln!(
-        "haproxy: {CLIENTS} clients, spread {spread:?}; cw2 drained, marked DOWN after {} ms; \
+        "scale-out: {CLIENTS} clients, spread {spread:?}; cw2 drained, marked DOWN after {} ms; \
          {while_down:?} on cw1 and cw3 while it was down; restarted, marked UP after {} ms; \
          {cw2_after} of {LATE_CLIENTS} later clients on cw2. {} requests answered, {} resent \
          after EOF, {} connections, longest wait {} ms; failures: {} refused, {} reset, {} other",
@@ -197,9 +197,10 @@ fn one_instance_drained_and_restarted_under_load_behind_haproxy_loses_no_request
         "leastconn sends new clients to the restarted instance"
     );
     // Every client has gone: each instance back to its fds, no CLOSE_WAIT (the proxy runs on).
-    for (i, server) in instances.iter().enumerate() {
-        let baseline = if i == 1 { cw2_baseline } else { baselines[i] };
+    let baselines = [baselines[0], cw2_baseline, baselines[2]];
+    for (server, &baseline) in instances.iter().zip(&baselines) {
         server.wait_for_fds(baseline);
     }
+    eprintln!("scale-out: every instance back to its baseline fds {baselines:?}, no CLOSE_WAIT");
     drop(proxy);
 }
