@@ -109,8 +109,9 @@ impl Args {
 }
 
 impl ServerArgs {
-    /// The [`Config`] these flags describe: signals handled, as a process should, and
-    /// `tcp_user_timeout` following the idle timeout unless given.
+    /// The [`Config`] these flags describe: signals handled and systemd's socket and
+    /// notifications used when present, as a process should, and `tcp_user_timeout`
+    /// following the idle timeout unless given.
     pub fn to_config(&self) -> Config {
         let idle_timeout = secs(self.idle_timeout);
         Config {

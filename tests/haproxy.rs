@@ -119,6 +119,9 @@ fn held(server: &Server) -> u64 {
     server.connect().stats()["active"] - 1
 }
 
+/// Like the restart test in tests/systemd.rs, a request that crosses the drain could be
+/// reset before issue 10's lingering close; no run here has shown one (requests are 50 ms
+/// apart per client, so few cross it).
 #[test]
 fn one_instance_drained_and_restarted_under_load_behind_haproxy_loses_no_request() {
     let dir = TempDir::new("haproxy");
@@ -192,9 +195,10 @@ fn one_instance_drained_and_restarted_under_load_behind_haproxy_loses_no_request
         while_down.iter().sum::<u64>() >= CLIENTS as u64,
         "cw1 and cw3 should hold every client while cw2 is down: {while_down:?}"
     );
-    assert_eq!(
-        cw2_after, LATE_CLIENTS as u64,
-        "leastconn sends new clients to the restarted instance"
+    // (At least: a health check may be connected at the moment of counting.)
+    assert!(
+        cw2_after >= LATE_CLIENTS as u64,
+        "leastconn sends new clients to the restarted instance: {cw2_after} of {LATE_CLIENTS}"
     );
     // Every client has gone: each instance back to its fds, no CLOSE_WAIT (the proxy runs on).
     let baselines = [baselines[0], cw2_baseline, baselines[2]];

@@ -100,7 +100,7 @@ impl Fleet {
             let stop = stop.clone();
             let thread = thread::Builder::new()
                 .name(format!("client-{id}"))
-                .stack_size(64 * 1024)
+                .stack_size(256 * 1024)
                 .spawn(move || client.run(&stop, pace, deadline))
                 .expect("spawn client thread");
             fleet.threads.push(thread);
