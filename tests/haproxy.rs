@@ -119,9 +119,6 @@ fn held(server: &Server) -> u64 {
     server.connect().stats()["active"] - 1
 }
 
-/// Like the restart test in tests/systemd.rs, a request that crosses the drain could be
-/// reset before issue 10's lingering close; no run here has shown one (requests are 50 ms
-/// apart per client, so few cross it).
 #[test]
 fn one_instance_drained_and_restarted_under_load_behind_haproxy_loses_no_request() {
     let dir = TempDir::new("haproxy");

@@ -50,10 +50,9 @@ fn notify_socket_gets_ready_once_listening_and_stopping_when_the_drain_starts() 
 /// drain, exit; a new process on the same socket. Clients keep connecting and sending all the
 /// while; those whose connection a drain ended reconnect and send the request again.
 ///
-/// **Needs issue 10's lingering close.** Before it, a drain that closes a connection whose
-/// request arrived unread makes the kernel send RST, and about half the runs here fail with
-/// a few resets (`reset` in the output; never a refusal, never another failure): issue 10's
-/// bug, not socket activation's. With a lingering close patched in, 8 runs of 8 passed.
+/// This relies on the drain's lingering close (issue 10): closing a connection whose request
+/// arrived unread sends RST, and before that close about half the runs here failed with a
+/// few resets.
 #[test]
 fn a_restart_on_a_socket_held_by_systemd_refuses_nobody_and_loses_no_request() {
     const CLIENTS: usize = 20;
@@ -131,7 +130,7 @@ fn workers_share_the_passed_socket_instead_of_binding_their_own() {
     let listener = listener();
     let server = Server::start_activated(&listener, &[], &["--workers", "3"]);
     assert_eq!(server.addr, listener.local_addr().unwrap());
-    assert!(server.log_contains("serving the listening socket passed by systemd"));
+    server.wait_for_log("serving the listening socket passed by systemd");
     let mut clients: Vec<Client> = (0..30).map(|_| server.connect()).collect();
     for (i, client) in clients.iter_mut().enumerate() {
         client.echo(format!("{i}").as_bytes());
@@ -245,6 +244,7 @@ fn the_first_client_starts_it_through_systemd_socket_activate() {
         .unwrap()
         .success());
     assert!(client.at_eof(), "the drain closes the connection");
+    drop(client); // the drain's lingering close waits for our FIN
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{log}");
