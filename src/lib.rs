@@ -54,6 +54,7 @@
 //! 12. [`throttle`] — rate limit for log lines a peer can trigger.
 //! 13. [`config`] and [`cli`] — what an operator can set, and the thin binary around it.
 //! 14. [`procfs`] — counting a process's fds and CLOSE_WAIT sockets from `/proc`.
+//! 15. [`systemd`] — socket activation (`LISTEN_FDS`) and readiness notification.
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
@@ -74,6 +75,7 @@ pub mod procfs;
 mod server;
 pub mod service;
 pub mod stats;
+pub mod systemd;
 pub mod throttle;
 pub mod timers;
 
