@@ -35,7 +35,8 @@ pub struct Args {
 /// in a production service.
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed).
+    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed). Ignored
+    /// when systemd passes a listening socket (socket activation, LISTEN_FDS).
     #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Largest frame body a peer may send, in bytes.
@@ -125,8 +126,9 @@ impl Args {
 }
 
 impl ServerArgs {
-    /// The [`Config`] these flags describe: signals handled, as a process should, and
-    /// `tcp_user_timeout` following the idle timeout unless given.
+    /// The [`Config`] these flags describe: signals handled and systemd's socket and
+    /// notifications used when present, as a process should, and `tcp_user_timeout`
+    /// following the idle timeout unless given.
     pub fn to_config(&self) -> Config {
         let idle_timeout = secs(self.idle_timeout);
         Config {
@@ -153,6 +155,7 @@ impl ServerArgs {
             }),
             workers: self.workers,
             handle_signals: true,
+            systemd: true,
             eof_policy: EofPolicy::Close,
             metrics: self.metrics,
         }

@@ -100,6 +100,11 @@ pub struct Config {
     pub workers: usize,
     /// Install SIGINT/SIGTERM handlers that trigger a graceful shutdown (the binary does).
     pub handle_signals: bool,
+    /// Work with systemd (the binary does; see [`crate::systemd`]): serve the listening socket
+    /// passed by socket activation (`LISTEN_FDS`) instead of binding `listen`, and report
+    /// `READY=1` once listening and `STOPPING=1` when the drain starts (`NOTIFY_SOCKET`).
+    /// Without those variables, as when run by hand, it changes nothing.
+    pub systemd: bool,
     /// Reference behaviour or the deliberate CLOSE_WAIT leak.
     pub eof_policy: EofPolicy,
     /// Serve Prometheus metrics at `http://ADDR/metrics` on a thread of its own; `None` = off.
@@ -127,6 +132,7 @@ impl Default for Config {
             max_buffered: None,
             workers: 1,
             handle_signals: false,
+            systemd: false,
             eof_policy: EofPolicy::Close,
             metrics: None,
         }

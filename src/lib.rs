@@ -54,7 +54,8 @@
 //! 12. [`throttle`] — rate limit for log lines a peer can trigger.
 //! 13. [`config`] and [`cli`] — what an operator can set, and the thin binary around it.
 //! 14. [`procfs`] — counting a process's fds and CLOSE_WAIT sockets from `/proc`.
-//! 15. `metrics` — the Prometheus endpoint (`--metrics`), on a thread of its own.
+//! 15. [`systemd`] — socket activation (`LISTEN_FDS`) and readiness notification.
+//! 16. `metrics` — the Prometheus endpoint (`--metrics`), on a thread of its own.
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
@@ -76,6 +77,7 @@ pub mod procfs;
 mod server;
 pub mod service;
 pub mod stats;
+pub mod systemd;
 pub mod throttle;
 pub mod timers;
 

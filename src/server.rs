@@ -28,7 +28,7 @@ use crate::memory::{self, MemoryBudget};
 use crate::service::{self, Reference, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
-use crate::{frame, leak, listener, metrics, Config, EofPolicy, WhenFull};
+use crate::{frame, leak, listener, metrics, systemd, Config, EofPolicy, WhenFull};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -85,11 +85,15 @@ struct Shared {
     stop: AtomicBool,
     wakers: Vec<Waker>,
     stats: Stats,
+    /// Tell systemd when the drain starts (`Config::systemd`).
+    systemd: bool,
 }
 
 impl Shared {
     fn request_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        if !self.stop.swap(true, Ordering::SeqCst) && self.systemd {
+            systemd::notify_stopping();
+        }
         for waker in &self.wakers {
             if let Err(e) = waker.wake() {
                 log::error!("could not wake a worker to stop it: {e}");
@@ -209,14 +213,14 @@ impl<S: Service + 'static> Server<S> {
 
         let mut parts = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
-        let first = listener::bind(config.listen, &config, workers > 1)?;
-        let local_addr = first.local_addr()?;
-        let mut first = Some(first);
-        for index in 0..workers {
-            let listener = match first.take() {
-                Some(listener) => listener,
-                None => listener::bind(local_addr, &config, true)?,
-            };
+        let inherited = if config.systemd {
+            systemd::take_listener()?
+        } else {
+            None
+        };
+        let listeners = listener::open_all(&config, workers, inherited)?;
+        let local_addr = listeners[0].local_addr()?;
+        for (index, listener) in listeners.into_iter().enumerate() {
             let poll = Poll::new()?;
             wakers.push(Waker::new(poll.registry(), WAKER)?);
             let signals = if config.handle_signals && index == 0 {
@@ -255,6 +259,7 @@ impl<S: Service + 'static> Server<S> {
             stop: AtomicBool::new(false),
             wakers,
             stats,
+            systemd: config.systemd,
         });
         Ok(Server {
             config,
@@ -296,6 +301,10 @@ impl<S: Service + 'static> Server<S> {
             metrics,
         } = self;
         log::info!("serving {local_addr} with {} worker(s)", workers.len());
+        if config.systemd {
+            // The listener is open: connections from now on are queued, then accepted.
+            systemd::notify_ready(local_addr, workers.len());
+        }
         let metrics = match metrics {
             Some(exporter) => Some(exporter.spawn(Handle {
                 shared: shared.clone(),
