@@ -21,7 +21,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -142,7 +142,10 @@ impl Exporter {
     fn serve(mut self, handle: Handle, stop: &AtomicBool) {
         log::info!("metrics on http://{}/metrics", self.local_addr);
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Process { handle }));
+        registry.register_collector(Box::new(Process {
+            handle,
+            warn: Mutex::new(Throttle::default()),
+        }));
         let mut warn = Throttle::default();
         let mut events = Events::with_capacity(4);
         let mut retry = None;
@@ -337,6 +340,9 @@ type ReadNow = fn() -> io::Result<u64>;
 /// Everything one scrape reports, read at scrape time.
 struct Process {
     handle: Handle,
+    /// Scrapes come as fast as a scraper likes: so can warnings about failed reads. Only
+    /// this thread takes the lock (the registry hands collectors `&self`).
+    warn: Mutex<Throttle>,
 }
 
 impl std::fmt::Debug for Process {
@@ -379,7 +385,12 @@ impl Collector for Process {
         for (name, help, read) in read_now {
             match read() {
                 Ok(value) => encode(&mut encoder, name, help, &ConstGauge::new(value))?,
-                Err(e) => log::warn!("metrics: cannot read {name}: {e}"),
+                Err(e) => {
+                    let mut warn = self.warn.lock().unwrap_or_else(|p| p.into_inner());
+                    if warn.allow() {
+                        log::warn!("metrics: cannot read {name}: {e}{}", warn.suppressed_note());
+                    }
+                }
             }
         }
         Ok(())
