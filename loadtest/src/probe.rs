@@ -366,7 +366,7 @@ fn verdict(report: &Report) -> (String, bool) {
                 let mut part = format!("{} {} of {}", way.name(), o.leaked(), o.opened);
                 match (o.close_wait, o.held_otherwise) {
                     (_, 0) => part.push_str(" still in CLOSE_WAIT"),
-                    (0, _) => part.push_str(" still open, reset, in no TCP table"),
+                    (0, _) => part.push_str(" still open after the reset, in no TCP table"),
                     (cw, other) => {
                         let _ = write!(part, " still open ({cw} in CLOSE_WAIT, {other} reset)");
                     }
@@ -942,7 +942,9 @@ mod tests {
         let (line, pass) = verdict(&report(vec![(Way::Fin, released(20)), (Way::Reset, reset)]));
         assert!(!pass);
         assert!(
-            line.contains("per peer RST: reset 20 of 20 still open, reset, in no TCP table"),
+            line.contains(
+                "per peer RST: reset 20 of 20 still open after the reset, in no TCP table"
+            ),
             "{line}"
         );
     }
