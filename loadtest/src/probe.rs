@@ -689,7 +689,7 @@ fn end_and_watch(
     loop {
         let now = Instant::now();
         let next_quiet = end_due(peers, now, reply_deadline);
-        check_releases(addr, pids, peers, now)?;
+        check_releases(addr, pids, peers)?;
         let released = peers.iter().filter(|p| p.released.is_some()).count();
         let last_end = peers
             .iter()
@@ -768,6 +768,7 @@ fn check_releases(
     } else {
         None
     };
+    let now = Instant::now();
     for peer in peers.iter_mut().filter(|p| pending(p)) {
         let gone = match (peer.inode, &rows) {
             (Some(inode), _) if !pids.is_empty() => !held.contains(&inode),
