@@ -750,12 +750,7 @@ fn end_due(peers: &mut [Peer], now: Instant, reply_deadline: Instant) -> Option<
 
 /// Mark the ended peers whose server socket is gone: its fd closed (with a pid and a known
 /// inode), else no longer in a live state of the TCP table.
-fn check_releases(
-    addr: SocketAddr,
-    pids: &[u32],
-    peers: &mut [Peer],
-    now: Instant,
-) -> io::Result<()> {
+fn check_releases(addr: SocketAddr, pids: &[u32], peers: &mut [Peer]) -> io::Result<()> {
     let pending = |p: &Peer| p.ended.is_some() && p.released.is_none();
     // A process's fds are cheap to read; the TCP tables (every socket of the machine) are
     // read only for connections whose inode is unknown, or when there is no pid.
