@@ -171,6 +171,17 @@ const EMFILE_MARK: RGBColor = RGBColor(120, 0, 0);
 /// server's CLOSE_WAIT) would otherwise be drawn on the x axis and hidden by it.
 const BELOW_ZERO: f64 = 0.04;
 
+/// A legend sample that looks like the dashed line it stands for: two short dashes.
+fn dashed_sample<'a, DB: DrawingBackend + 'a>(
+    x: i32,
+    y: i32,
+    color: RGBColor,
+) -> impl IntoDynElement<'a, DB, (i32, i32)> {
+    EmptyElement::at((x, y))
+        + PathElement::new(vec![(0, 0), (8, 0)], color.stroke_width(2))
+        + PathElement::new(vec![(12, 0), (20, 0)], color.stroke_width(2))
+}
+
 /// Draw fd counts and CLOSE_WAIT counts of both variants over time, with the fd limit and
 /// the leaky variant's first `Too many open files`.
 pub fn draw_svg(path: &Path, samples: &[Sample], nofile: u64) -> io::Result<()> {
@@ -266,12 +277,7 @@ fn draw(path: &Path, samples: &[Sample], nofile: u64) -> Result<(), Box<dyn std:
         .label(format!(
             "fd limit (RLIMIT_NOFILE = {nofile}): accept fails here"
         ))
-        .legend(|(x, y)| {
-            PathElement::new(
-                vec![(x, y), (x + 8, y), (x + 14, y), (x + 20, y)],
-                BLACK.stroke_width(2),
-            )
-        });
+        .legend(|(x, y)| dashed_sample(x, y, BLACK));
     let first_emfile = samples
         .iter()
         .find(|s| s.variant == "leaky" && s.accept_failing)
@@ -287,9 +293,7 @@ fn draw(path: &Path, samples: &[Sample], nofile: u64) -> Result<(), Box<dyn std:
             .label(format!(
                 "leaky variant logs 'Too many open files' ({t:.0} s): new clients wait forever"
             ))
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], EMFILE_MARK.stroke_width(2))
-            });
+            .legend(|(x, y)| dashed_sample(x, y, EMFILE_MARK));
         chart.draw_series(std::iter::once(Text::new(
             format!("{t:.0} s: accept fails (EMFILE)"),
             // Just right of the mark, above the limit line.
