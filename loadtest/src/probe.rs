@@ -117,7 +117,6 @@ struct Peer {
     local: SocketAddr,
     /// The server's socket, once accepted (a socket still in the listen queue has none).
     inode: Option<u64>,
-    received: u64,
     last_data: Option<Instant>,
     /// When the probe ended it the way of `way`.
     ended: Option<Instant>,
@@ -168,8 +167,7 @@ impl Peer {
         loop {
             match stream.read(&mut buf[..limit]) {
                 Ok(0) => return true,
-                Ok(n) => {
-                    self.received += n as u64;
+                Ok(_) => {
                     self.last_data = Some(Instant::now());
                     if self.way == Way::MidReply {
                         return false;
@@ -477,7 +475,15 @@ fn probe(args: &Args) -> io::Result<bool> {
         }
         .filter(|p| !p.is_empty());
     let pids = match args.pid {
-        Some(pid) => vec![pid],
+        Some(pid) => {
+            procfs::socket_inodes(pid).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("--pid {pid}: reading /proc/{pid}/fd: {e}"),
+                )
+            })?;
+            vec![pid]
+        }
         None => find_pids(addr)?,
     };
     describe_server(addr, &pids, "before");
@@ -505,6 +511,17 @@ fn probe(args: &Args) -> io::Result<bool> {
         args.connections
     );
     await_accepted(addr, &mut peers)?;
+    if let Some(pid) = args.pid {
+        // A wrong --pid would hold none of them, and every socket would look released.
+        let held = held_inodes(&pids);
+        let accepted = peers.iter().filter_map(|p| p.inode);
+        if accepted.clone().next().is_some() && !accepted.into_iter().any(|i| held.contains(&i)) {
+            return Err(io::Error::other(format!(
+                "process {pid} holds none of the sockets that accepted the probe's connections: \
+                 is it the server listening on {addr}?"
+            )));
+        }
+    }
     send_payload(&mut peers, payload.as_deref())?;
 
     let mut poll = Poll::new()?;
@@ -591,7 +608,6 @@ fn connect_all(addr: SocketAddr, ways: &[Way], n: usize) -> io::Result<Vec<Peer>
                 stream: Some(mio::net::TcpStream::from_std(stream)),
                 local,
                 inode: None,
-                received: 0,
                 last_data: None,
                 ended: None,
                 released: None,

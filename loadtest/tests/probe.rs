@@ -200,3 +200,25 @@ fn probe_refuses_an_address_that_is_not_loopback() {
     assert_eq!(out.status.code(), Some(2), "{}", report(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }
+
+#[test]
+fn probe_refuses_a_pid_that_does_not_hold_the_servers_sockets() {
+    // Else every socket would look released: a leak reported as a pass.
+    let server = Server::closewait(&["--leaky"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["probe", &format!("127.0.0.1:{}", server.port)])
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--connections",
+            "2",
+        ])
+        .output()
+        .expect("run loadtest probe");
+    assert_eq!(out.status.code(), Some(2), "{}", report(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds none of the sockets"),
+        "{}",
+        report(&out)
+    );
+}
