@@ -1,5 +1,6 @@
 //! `loadtest`: run closewait beside its leaky variant (and a tokio baseline) and show the
-//! difference. Subcommands live in their own modules; this file only dispatches.
+//! difference, and probe any server for the same leak. Subcommands live in their own
+//! modules; this file only dispatches.
 
 mod baseline;
 mod bench;
