@@ -35,7 +35,8 @@ pub struct Args {
 /// in a production service.
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed).
+    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed). Ignored
+    /// when systemd passes a listening socket (socket activation, LISTEN_FDS).
     #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Largest frame body a peer may send, in bytes.
@@ -75,6 +76,19 @@ pub struct ServerArgs {
     /// Seconds a graceful shutdown (SIGINT/SIGTERM) may spend flushing replies.
     #[arg(long, default_value_t = config::DEFAULT_DRAIN_TIMEOUT.as_secs(), value_name = "SECS")]
     pub drain_timeout: u64,
+    /// Seconds a graceful close that may leave input unread (invalid frame, frame timeout,
+    /// shutdown, memory eviction) waits for the peer's FIN after shutting down writing,
+    /// discarding input, so replies are not destroyed by an RST (0 = close at once).
+    #[arg(long, default_value_t = config::DEFAULT_LINGER_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub linger_timeout: u64,
+    /// Seconds a peer may take to finish a frame once its first byte arrived (0 = no limit).
+    #[arg(long, default_value_t = config::DEFAULT_FRAME_TIMEOUT.as_secs(), value_name = "SECS")]
+    pub frame_timeout: u64,
+    /// Bytes all connections together may hold in partial frames and pending replies; above
+    /// it the connection holding the most is closed (default: 25% of the machine's memory;
+    /// 0 = no limit).
+    #[arg(long, value_name = "BYTES")]
+    pub max_buffered: Option<u64>,
     /// Event-loop threads, each with its own SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
     pub workers: usize,
@@ -108,8 +122,9 @@ impl Args {
 }
 
 impl ServerArgs {
-    /// The [`Config`] these flags describe: signals handled, as a process should, and
-    /// `tcp_user_timeout` following the idle timeout unless given.
+    /// The [`Config`] these flags describe: signals handled and systemd's socket and
+    /// notifications used when present, as a process should, and `tcp_user_timeout`
+    /// following the idle timeout unless given.
     pub fn to_config(&self) -> Config {
         let idle_timeout = secs(self.idle_timeout);
         Config {
@@ -128,8 +143,15 @@ impl ServerArgs {
             keepalive_retries: self.keepalive_retries,
             tcp_user_timeout: self.tcp_user_timeout.map_or(idle_timeout, secs),
             drain_timeout: Duration::from_secs(self.drain_timeout),
+            linger_timeout: secs(self.linger_timeout),
+            frame_timeout: secs(self.frame_timeout),
+            max_buffered: self.max_buffered.map(|bytes| match bytes {
+                0 => usize::MAX,
+                bytes => usize::try_from(bytes).unwrap_or(usize::MAX),
+            }),
             workers: self.workers,
             handle_signals: true,
+            systemd: true,
             eof_policy: EofPolicy::Close,
         }
     }

@@ -16,6 +16,15 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_PENDING_OUTPUT: usize = 1 << 20;
 /// Default time a graceful shutdown may spend flushing replies before it closes everything.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a graceful close waits for the peer's FIN after shutting down writing,
+/// discarding what the peer still sends (nginx's `lingering_timeout`).
+pub const DEFAULT_LINGER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time a peer may take to finish a frame once its first byte arrived, so that
+/// trickling one byte at a time cannot hold a connection open forever.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Share of the machine's memory (or of the cgroup's limit, if lower) that all connections
+/// together may hold in partial frames and pending output when no budget is configured.
+pub const DEFAULT_MAX_BUFFERED_PERCENT: u64 = 25;
 /// Default TCP keepalive: idle time before the first probe.
 pub const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(60);
 /// Default TCP keepalive: time between probes.
@@ -77,10 +86,25 @@ pub struct Config {
     pub tcp_user_timeout: Option<Duration>,
     /// How long a graceful shutdown may flush before closing whatever is left.
     pub drain_timeout: Duration,
+    /// After a graceful close that may leave input unread (invalid frame, frame timeout,
+    /// shutdown, memory eviction): how long to wait for the peer's FIN while discarding its
+    /// input, so that the kernel sends FIN, not RST; `None` closes at once.
+    pub linger_timeout: Option<Duration>,
+    /// How long a peer may take to finish a frame once its first byte arrived; `None` = no limit.
+    pub frame_timeout: Option<Duration>,
+    /// Bytes all connections together may hold in partial frames and pending output; above it
+    /// the connection holding the most is closed. `None` derives it from the machine's memory
+    /// ([`DEFAULT_MAX_BUFFERED_PERCENT`]); `Some(usize::MAX)` means no budget.
+    pub max_buffered: Option<usize>,
     /// Number of event-loop threads, each with its own listener (`SO_REUSEPORT`).
     pub workers: usize,
     /// Install SIGINT/SIGTERM handlers that trigger a graceful shutdown (the binary does).
     pub handle_signals: bool,
+    /// Work with systemd (the binary does; see [`crate::systemd`]): serve the listening socket
+    /// passed by socket activation (`LISTEN_FDS`) instead of binding `listen`, and report
+    /// `READY=1` once listening and `STOPPING=1` when the drain starts (`NOTIFY_SOCKET`).
+    /// Without those variables, as when run by hand, it changes nothing.
+    pub systemd: bool,
     /// Reference behaviour or the deliberate CLOSE_WAIT leak.
     pub eof_policy: EofPolicy,
 }
@@ -100,8 +124,12 @@ impl Default for Config {
             keepalive_retries: DEFAULT_KEEPALIVE_RETRIES,
             tcp_user_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            linger_timeout: Some(DEFAULT_LINGER_TIMEOUT),
+            frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
+            max_buffered: None,
             workers: 1,
             handle_signals: false,
+            systemd: false,
             eof_policy: EofPolicy::Close,
         }
     }
@@ -124,6 +152,9 @@ impl Config {
         if self.max_connections == Some(0) {
             return Err("max_connections must be at least 1".into());
         }
+        if self.max_buffered == Some(0) {
+            return Err("max_buffered must be at least 1 byte".into());
+        }
         if self.workers == 0 {
             return Err("workers must be at least 1".into());
         }
@@ -131,6 +162,8 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("tcp_user_timeout", self.tcp_user_timeout),
             ("drain_timeout", Some(self.drain_timeout)),
+            ("linger_timeout", self.linger_timeout),
+            ("frame_timeout", self.frame_timeout),
         ] {
             if value.is_some_and(|v| v > MAX_TIMEOUT) {
                 return Err(format!(

@@ -1,12 +1,21 @@
 //! One connection: a small state machine over a non-blocking socket.
 //!
 //! ```text
-//!   Open ──read 0 (peer FIN)──▶ Draining(PeerEof) ──output flushed──▶ closed
-//!     │  ──invalid frame──────▶ Draining(Protocol) ─┘
-//!     │  ──server shutdown────▶ Draining(Shutdown) ─┘
-//!     │  ──reset / I/O error─────────────────────────────────────────▶ closed
-//!     └──read 0, leaky variant──▶ Leaked (never leaves: CLOSE_WAIT)
+//!   Open ─read 0 (peer FIN)──▶ Draining(PeerEof) ───────────flushed──────────────────▶ closed
+//!    │ ─invalid frame────────▶ Draining(Protocol)     ─┐
+//!    │ ─frame timeout────────▶ Draining(FrameTimeout)  ├─flushed─▶ Lingering ─peer FIN──▶ closed
+//!    │ ─server shutdown──────▶ Draining(Shutdown)      │  shutdown   discard input; or a
+//!    │ ─memory budget────────▶ Draining(Memory)       ─┘  (Write)    byte bound, the timeout
+//!    │ ─reset / I/O error; write stall (RST); memory budget with unsent replies (RST)─▶ closed
+//!    └─read 0, leaky variant─▶ Leaked (never leaves: CLOSE_WAIT)
 //! ```
+//!
+//! Why linger: closing a socket whose receive queue still holds unread bytes makes Linux send
+//! RST instead of FIN (RFC 2525 2.17; counted as `TcpExtTCPAbortOnData`): our kernel drops
+//! the replies it has not sent yet, and the peer's kernel, on the RST, drops the replies it
+//! received but the peer has not read yet — replies we had already written. A close that may leave input unread therefore shuts down writing first
+//! (the FIN follows the replies), then reads and discards until the peer closes too. A peer
+//! FIN needs no lingering: the read that returned 0 proved nothing is left unread.
 //!
 //! A connection owns only what it cannot give back: its socket, the unfinished tail of a
 //! frame, and replies the peer has not taken yet. Reads go into the loop's scratch buffer and
@@ -34,6 +43,9 @@ pub const READS_PER_TURN: usize = 16;
 /// Reads a graceful shutdown spends answering what a peer already sent (4 MiB): enough for
 /// any honest backlog, and bounded so a peer that keeps sending cannot hold shutdown open.
 pub const SHUTDOWN_READS: usize = 64;
+/// Bytes a lingering close discards before giving up on the peer's FIN and closing anyway
+/// (4 MiB): more than any honest peer has in flight, less than a flood can cost us.
+pub const LINGER_MAX_DISCARD: u32 = 4 << 20;
 
 /// Why a connection ended. Each reason has its own counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +64,11 @@ pub enum CloseReason {
     WriteStall,
     /// The server is shutting down.
     Shutdown,
+    /// A frame was begun and not finished within the frame timeout; it got an ERROR reply.
+    FrameTimeout,
+    /// The connection held the most memory when all connections together passed the
+    /// memory budget (`--max-buffered`).
+    Memory,
 }
 
 impl CloseReason {
@@ -65,6 +82,8 @@ impl CloseReason {
             CloseReason::Idle => Counter::ClosedIdle,
             CloseReason::WriteStall => Counter::ClosedWriteStall,
             CloseReason::Shutdown => Counter::ClosedShutdown,
+            CloseReason::FrameTimeout => Counter::ClosedFrameTimeout,
+            CloseReason::Memory => Counter::ClosedMemory,
         }
     }
 
@@ -99,6 +118,8 @@ impl std::fmt::Display for CloseReason {
                 f.write_str("write stall: peer took no output for the idle timeout")
             }
             CloseReason::Shutdown => f.write_str("server shutdown"),
+            CloseReason::FrameTimeout => f.write_str("frame timeout (ERROR sent)"),
+            CloseReason::Memory => f.write_str("evicted for the memory budget"),
         }
     }
 }
@@ -113,14 +134,44 @@ pub enum Step {
     Again,
     /// Close it now, for this reason.
     Close(CloseReason),
+    /// Every reply is out and writing is shut down: keep it until the peer's FIN or the
+    /// linger timeout, and call [`Connection::on_event`] again next turn (input may already
+    /// be waiting, and its readiness edge was spent while draining).
+    Linger,
+}
+
+/// The reasons a connection drains instead of closing at once. A separate small type keeps
+/// [`State`] (and so every connection) two bytes, and makes "drain after a reset" unwritable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Graceful {
+    PeerEof,
+    Protocol,
+    FrameTimeout,
+    Shutdown,
+    Memory,
+}
+
+impl Graceful {
+    fn reason(self) -> CloseReason {
+        match self {
+            Graceful::PeerEof => CloseReason::PeerEof,
+            Graceful::Protocol => CloseReason::Protocol,
+            Graceful::FrameTimeout => CloseReason::FrameTimeout,
+            Graceful::Shutdown => CloseReason::Shutdown,
+            Graceful::Memory => CloseReason::Memory,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Reading requests, writing replies.
     Open,
-    /// No more reading: flush the replies, then close for this reason.
-    Draining(CloseReason),
+    /// No more reading: flush the replies, then close (or linger) for this reason.
+    Draining(Graceful),
+    /// Replies flushed and writing shut down; input is read and discarded until the peer's
+    /// FIN, so that closing sends FIN rather than RST.
+    Lingering(Graceful),
     /// The leaky variant saw the peer's FIN and ignored it.
     Leaked,
 }
@@ -143,6 +194,8 @@ pub struct Io<'a, S> {
     pub max_pending_output: usize,
     /// The reference behaviour or the leak.
     pub eof_policy: EofPolicy,
+    /// Whether graceful closes linger (`--linger-timeout` is not 0).
+    pub linger: bool,
 }
 
 /// A client connection and its state.
@@ -156,11 +209,15 @@ pub struct Connection {
     /// Replies not yet taken by the socket; `sent` bytes of it are already written.
     pending: Vec<u8>,
     sent: usize,
+    /// Bytes thrown away while lingering, against [`LINGER_MAX_DISCARD`].
+    discarded: u32,
     /// We stopped reading because `pending` is over the limit. Readiness is remembered here,
     /// because under edge-triggered polling the socket will not signal it again.
     read_paused: bool,
     /// Bytes moved in either direction since the loop last asked (idle timer input).
     progressed: bool,
+    /// A new frame began and is unfinished since the loop last asked (frame timer input).
+    frame_began: bool,
 }
 
 impl Connection {
@@ -173,8 +230,10 @@ impl Connection {
             partial: Vec::new(),
             pending: Vec::new(),
             sent: 0,
+            discarded: 0,
             read_paused: false,
             progressed: false,
+            frame_began: false,
         }
     }
 
@@ -203,6 +262,30 @@ impl Connection {
         self.read_paused
     }
 
+    /// Whether a new frame began since the last call and is still unfinished (and forget it).
+    pub fn take_frame_began(&mut self) -> bool {
+        std::mem::take(&mut self.frame_began)
+    }
+
+    /// Whether part of a frame is buffered, waiting for the rest.
+    pub fn in_frame(&self) -> bool {
+        !self.partial.is_empty()
+    }
+
+    /// Bytes of memory this connection holds: its partial frame and its pending replies.
+    pub fn buffered(&self) -> usize {
+        self.partial.capacity() + self.pending.capacity()
+    }
+
+    /// The reason of a close already under way that only waits for the peer (lingering):
+    /// whatever ends it now, this is the reason it is counted under.
+    pub fn lingering(&self) -> Option<CloseReason> {
+        match self.state {
+            State::Lingering(why) => Some(why.reason()),
+            _ => None,
+        }
+    }
+
     /// Handle a readiness event (or a retry after [`Step::Again`]).
     pub fn on_event<S: Service>(
         &mut self,
@@ -211,8 +294,16 @@ impl Connection {
         writable: bool,
         error: bool,
     ) -> Step {
-        if self.state == State::Leaked {
-            return Step::Continue;
+        match self.state {
+            State::Leaked => return Step::Continue,
+            State::Lingering(why) => {
+                return if readable || error {
+                    self.discard(io, why)
+                } else {
+                    Step::Continue
+                };
+            }
+            State::Open | State::Draining(_) => {}
         }
         if error {
             // RST or a kernel timeout (keepalive, TCP_USER_TIMEOUT): nothing more can be
@@ -237,6 +328,7 @@ impl Connection {
         match self.state {
             State::Leaked => return Step::Close(CloseReason::Shutdown),
             State::Draining(_) => return self.flush(io).unwrap_or(Step::Continue),
+            State::Lingering(_) => return Step::Continue,
             State::Open => {}
         }
         // Requests already in the socket buffer were sent before we stopped: answer them.
@@ -250,8 +342,70 @@ impl Connection {
             return step;
         }
         if self.state == State::Open {
-            self.state = State::Draining(CloseReason::Shutdown);
+            // A frame we will never read the rest of: no reason to hold it while draining.
+            self.partial = Vec::new();
+            self.state = State::Draining(Graceful::Shutdown);
         }
+        self.flush(io).unwrap_or(Step::Continue)
+    }
+
+    /// The frame timeout passed with a frame still unfinished: tell the peer, then close
+    /// (lingering, since the rest of the frame may still be on its way).
+    pub fn on_frame_timeout<S>(
+        &mut self,
+        io: &mut Io<'_, S>,
+        timeout: std::time::Duration,
+    ) -> Step {
+        if self.state != State::Open || self.partial.is_empty() {
+            return Step::Continue;
+        }
+        let message = format!("frame not completed in {} s", timeout.as_secs());
+        if io.warn.allow() {
+            log::warn!(
+                "{}: {message} ({} bytes of it received); closing{}",
+                self.peer,
+                self.partial.len(),
+                io.warn.suppressed_note()
+            );
+        }
+        self.partial = Vec::new();
+        self.close_with_error(io, Graceful::FrameTimeout, &message)
+    }
+
+    /// All connections together passed the memory budget and this one holds the most: give
+    /// its memory back now. Replies the peer has not taken are dropped with an abortive close
+    /// (a peer that does not read is why they piled up); a peer that only sent a partial frame
+    /// gets an ERROR frame saying why, then a lingering close.
+    pub fn evict<S>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
+        let held = self.buffered();
+        if io.warn.allow() {
+            log::warn!(
+                "{}: closing: holds {held} bytes (partial frame {}, unsent replies {}) and all \
+                 connections together passed the memory budget of {budget} bytes{}",
+                self.peer,
+                self.partial.capacity(),
+                self.pending.len() - self.sent,
+                io.warn.suppressed_note()
+            );
+        }
+        self.partial = Vec::new();
+        if self.has_pending_output() {
+            self.pending = Vec::new();
+            self.sent = 0;
+            // SO_LINGER 0: close sends RST and frees the kernel's copy of the output too.
+            let _ =
+                socket2::SockRef::from(&self.stream).set_linger(Some(std::time::Duration::ZERO));
+            return Step::Close(CloseReason::Memory);
+        }
+        let message = format!("memory budget exceeded: this connection held {held} bytes");
+        self.close_with_error(io, Graceful::Memory, &message)
+    }
+
+    /// Queue an ERROR frame, stop reading, and close once it is flushed.
+    fn close_with_error<S>(&mut self, io: &mut Io<'_, S>, why: Graceful, message: &str) -> Step {
+        self.lend_output(io);
+        frame::encode(&mut self.pending, service::ERROR, message.as_bytes());
+        self.state = State::Draining(why);
         self.flush(io).unwrap_or(Step::Continue)
     }
 
@@ -335,7 +489,7 @@ impl Connection {
             );
             self.partial = Vec::new();
         }
-        self.state = State::Draining(CloseReason::PeerEof);
+        self.state = State::Draining(Graceful::PeerEof);
         Step::Continue
     }
 
@@ -373,6 +527,7 @@ impl Connection {
                 want_len(&self.partial)
             };
             let take = (want - self.partial.len()).min(data.len());
+            grow_towards(&mut self.partial, take, want);
             self.partial.extend_from_slice(&data[..take]);
             data = &data[take..];
             match frame::decode(&self.partial, *max_frame) {
@@ -398,6 +553,9 @@ impl Connection {
                     data = &data[used..];
                 }
                 Decoded::Incomplete => {
+                    if self.partial.is_empty() && !data.is_empty() {
+                        self.frame_began = true;
+                    }
                     self.partial.extend_from_slice(data);
                     break;
                 }
@@ -426,7 +584,7 @@ impl Connection {
         frame::encode(&mut self.pending, service::ERROR, e.to_string().as_bytes());
         io.stats.add(Counter::Requests, 1);
         self.partial = Vec::new();
-        self.state = State::Draining(CloseReason::Protocol);
+        self.state = State::Draining(Graceful::Protocol);
     }
 
     /// Write what the socket takes; close if draining and done. `None` means keep going.
@@ -439,13 +597,54 @@ impl Connection {
         }
         self.return_output(io);
         match self.state {
-            State::Draining(reason) => Some(Step::Close(reason)),
+            State::Draining(why) => Some(self.finish_writing(io, why)),
             _ if self.read_paused => {
                 // Room again: resume reading the requests we left in the socket.
                 Some(Step::Again)
             }
             _ => None,
         }
+    }
+
+    /// Every reply is flushed: close, or shut down writing and linger if input may be unread.
+    fn finish_writing<S>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
+        if why == Graceful::PeerEof || !io.linger {
+            return Step::Close(why.reason());
+        }
+        // The FIN goes out after the replies already queued in the kernel.
+        if let Err(e) = self.stream.shutdown(std::net::Shutdown::Write) {
+            log::debug!("{}: shutdown(Write) failed: {e}; closing", self.peer);
+            return Step::Close(why.reason());
+        }
+        self.state = State::Lingering(why);
+        self.read_paused = false;
+        Step::Linger
+    }
+
+    /// Read and throw away what the peer still sends, until its FIN (then close: nothing is
+    /// left unread, so close sends no RST), an error, or [`LINGER_MAX_DISCARD`] bytes.
+    fn discard<S>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
+        for _ in 0..READS_PER_TURN {
+            match self.stream.read(io.input) {
+                Ok(0) => return Step::Close(why.reason()),
+                Ok(n) => {
+                    self.discarded = self.discarded.saturating_add(n as u32);
+                    if self.discarded >= LINGER_MAX_DISCARD {
+                        log::debug!(
+                            "{}: still sending after {} discarded bytes; closing",
+                            self.peer,
+                            self.discarded
+                        );
+                        return Step::Close(why.reason());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The close was decided already; a reset now does not change why.
+                Err(_) => return Step::Close(why.reason()),
+            }
+        }
+        Step::Again
     }
 
     /// One `write` per readiness in the common case: every reply of the batch at once.
@@ -481,6 +680,21 @@ impl Connection {
             std::mem::swap(&mut self.pending, io.output);
         }
         self.pending = Vec::new();
+    }
+}
+
+/// Make room in `partial` for `take` more bytes of a frame of `want` bytes in all: doubling,
+/// as `Vec` does, but never more than one read ahead of what arrived, nor past the frame's
+/// own size, so a peer holds at most what it sent plus [`READ_CHUNK`] (plain doubling held
+/// up to twice what was sent, and a max-size frame 2 MiB).
+fn grow_towards(partial: &mut Vec<u8>, take: usize, want: usize) {
+    let need = partial.len() + take;
+    if need > partial.capacity() {
+        let target = (partial.capacity() * 2)
+            .min(need + READ_CHUNK)
+            .min(want)
+            .max(need);
+        partial.reserve_exact(target - partial.len());
     }
 }
 
@@ -548,6 +762,7 @@ mod tests {
                 max_frame: 1 << 20,
                 max_pending_output: 1 << 20,
                 eof_policy: EofPolicy::Close,
+                linger: true,
             }
         }
     }
@@ -600,6 +815,20 @@ mod tests {
         let mut replies = Vec::new();
         peer.read_to_end(&mut replies).unwrap();
         assert_eq!(replies, [0, 0, 0, 1, PING_REPLY].repeat(pings));
+    }
+
+    /// Guards the memory per idle connection (141 B measured, most of it this struct in the
+    /// slab): the close machinery must not grow it. 104 bytes in a release build on 64-bit
+    /// Linux, where the socket is 4; debug builds add a selector id to mio's socket.
+    #[test]
+    fn a_connection_stays_within_104_bytes() {
+        let socket = std::mem::size_of::<TcpStream>();
+        let limit = (socket + 100).next_multiple_of(8);
+        let size = std::mem::size_of::<Connection>();
+        assert!(
+            size <= limit,
+            "Connection is {size} bytes, more than {limit}"
+        );
     }
 
     /// Guards the error flag: an event with `error` set (the peer's RST) closes at once

@@ -1,8 +1,9 @@
-//! The registry: the slab of connections, their poll registrations and their idle deadlines.
+//! The registry: the slab of connections, their poll registrations and their deadlines.
 //!
-//! **Invariant:** one connection = one slab entry = one registered fd = one idle-list node.
-//! Only this module touches the slab, so that invariant is kept in two functions: [`insert`]
-//! (register, then store) and [`remove`] (deregister, unlink, drop = close).
+//! **Invariant:** one connection = one slab entry = one registered fd, and at most one node
+//! in each deadline list (idle, frame, linger). Only this module touches the slab, so that
+//! invariant is kept in two functions: [`insert`] (register, then store) and [`remove`]
+//! (deregister, unlink from every list, drop = close).
 //!
 //! [`insert`]: Registry::insert
 //! [`remove`]: Registry::remove
@@ -16,21 +17,32 @@ use mio::{Interest, Registry as PollRegistry, Token};
 use slab::Slab;
 
 use crate::connection::Connection;
-use crate::timers::IdleList;
+use crate::timers::DeadlineList;
 
 /// Connections by token. A token is the slab key, so lookup is an index.
 #[derive(Debug)]
 pub struct Registry {
     slab: Slab<Connection>,
-    idle: Option<IdleList>,
+    /// Last byte in or out; open and draining connections.
+    idle: Option<DeadlineList>,
+    /// First byte of the unfinished frame; connections in the middle of a frame.
+    frame: Option<DeadlineList>,
+    /// Start of a lingering close; lingering connections (which leave the other two lists).
+    linger: Option<DeadlineList>,
 }
 
 impl Registry {
-    /// An empty registry; `idle_timeout` of `None` keeps no deadlines.
-    pub fn new(idle_timeout: Option<Duration>) -> Registry {
+    /// An empty registry; a timeout of `None` keeps no deadlines of that kind.
+    pub fn new(
+        idle_timeout: Option<Duration>,
+        frame_timeout: Option<Duration>,
+        linger_timeout: Option<Duration>,
+    ) -> Registry {
         Registry {
             slab: Slab::new(),
-            idle: idle_timeout.map(IdleList::new),
+            idle: idle_timeout.map(DeadlineList::new),
+            frame: frame_timeout.map(DeadlineList::new),
+            linger: linger_timeout.map(DeadlineList::new),
         }
     }
 
@@ -79,14 +91,62 @@ impl Registry {
         }
     }
 
-    /// The earliest idle deadline.
+    /// Note where `token` stands in its current frame after a handler ran: a frame that
+    /// began starts the frame clock, and no frame in progress stops it.
+    pub fn track_frame(&mut self, token: Token, began: bool, in_frame: bool, now: Instant) {
+        if let Some(frame) = &mut self.frame {
+            if !in_frame {
+                frame.remove(token.0);
+            } else if began {
+                frame.touch(token.0, now);
+            }
+        }
+    }
+
+    /// `token` began a lingering close at `now`: from here only the linger clock applies.
+    pub fn start_linger(&mut self, token: Token, now: Instant) {
+        for list in [&mut self.idle, &mut self.frame].into_iter().flatten() {
+            list.remove(token.0);
+        }
+        if let Some(linger) = &mut self.linger {
+            linger.touch(token.0, now);
+        }
+    }
+
+    /// The earliest deadline of any kind.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.idle.as_ref().and_then(IdleList::next_deadline)
+        let next =
+            |list: &Option<DeadlineList>| list.as_ref().and_then(DeadlineList::next_deadline);
+        let earliest = crate::server::earliest;
+        earliest(
+            next(&self.idle),
+            earliest(next(&self.frame), next(&self.linger)),
+        )
     }
 
     /// A connection whose idle deadline passed, taken off the idle list (still open).
-    pub fn pop_expired(&mut self, now: Instant) -> Option<Token> {
+    pub fn pop_idle(&mut self, now: Instant) -> Option<Token> {
         self.idle.as_mut()?.pop_expired(now).map(Token)
+    }
+
+    /// A connection whose frame deadline passed, taken off the frame list (still open).
+    pub fn pop_frame(&mut self, now: Instant) -> Option<Token> {
+        self.frame.as_mut()?.pop_expired(now).map(Token)
+    }
+
+    /// A connection whose linger deadline passed, taken off the linger list (still open).
+    pub fn pop_linger(&mut self, now: Instant) -> Option<Token> {
+        self.linger.as_mut()?.pop_expired(now).map(Token)
+    }
+
+    /// The connection holding the most memory (partial frame and pending replies), if any
+    /// holds some. A scan, but it only runs when the memory budget is exceeded.
+    pub fn largest_holder(&self) -> Option<(Token, usize)> {
+        self.slab
+            .iter()
+            .map(|(key, conn)| (Token(key), conn.buffered()))
+            .filter(|&(_, held)| held > 0)
+            .max_by_key(|&(_, held)| held)
     }
 
     /// Tokens of every open connection.
@@ -99,8 +159,11 @@ impl Registry {
     /// which makes closing idempotent.
     pub fn remove(&mut self, poll: &PollRegistry, token: Token) -> Option<Connection> {
         let mut conn = self.slab.try_remove(token.0)?;
-        if let Some(idle) = &mut self.idle {
-            idle.remove(token.0);
+        for list in [&mut self.idle, &mut self.frame, &mut self.linger]
+            .into_iter()
+            .flatten()
+        {
+            list.remove(token.0);
         }
         // Deregister before the fd closes (mio requires it, and it keeps a reused slab key
         // from receiving this socket's stale events). Failure only means epoll already

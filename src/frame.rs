@@ -105,24 +105,62 @@ mod tests {
         out
     }
 
-    /// Feed `stream` to a decoder in the pieces given by `cuts`, as a connection would:
-    /// keep the unconsumed tail, append the next read, decode every whole frame.
-    fn decode_in_pieces(stream: &[u8], cuts: &[usize], max: usize) -> Vec<Vec<u8>> {
+    /// What a decoder made of a whole stream: the frame bodies, then how it stopped.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Outcome {
+        bodies: Vec<Vec<u8>>,
+        /// The refused length and the stream offset of its header, if one was refused.
+        invalid: Option<(FrameError, usize)>,
+        /// Bytes of an unfinished frame kept when the stream ended.
+        left_over: usize,
+    }
+
+    /// Feed `stream` to a decoder in the pieces given by `cuts` (ascending offsets), as a
+    /// connection would: keep the unconsumed tail, append the next read, decode every whole
+    /// frame, stop at the first refused length.
+    fn feed(stream: &[u8], cuts: &[usize], max: usize) -> Outcome {
         let mut pending = Vec::new();
         let mut bodies = Vec::new();
+        let mut consumed = 0;
         let mut from = 0;
         for &to in cuts.iter().chain(std::iter::once(&stream.len())) {
             pending.extend_from_slice(&stream[from..to]);
             from = to;
             let mut at = 0;
-            while let Decoded::Frame { body, used } = decode(&pending[at..], max) {
-                bodies.push(body.to_vec());
-                at += used;
+            loop {
+                match decode(&pending[at..], max) {
+                    Decoded::Frame { body, used } => {
+                        bodies.push(body.to_vec());
+                        at += used;
+                    }
+                    Decoded::Incomplete => break,
+                    Decoded::Invalid(e) => {
+                        return Outcome {
+                            bodies,
+                            invalid: Some((e, consumed + at)),
+                            left_over: 0,
+                        }
+                    }
+                }
             }
             pending.drain(..at);
+            consumed += at;
         }
-        assert!(pending.is_empty(), "bytes left over: {pending:?}");
-        bodies
+        Outcome {
+            bodies,
+            invalid: None,
+            left_over: pending.len(),
+        }
+    }
+
+    fn decode_in_pieces(stream: &[u8], cuts: &[usize], max: usize) -> Vec<Vec<u8>> {
+        let outcome = feed(stream, cuts, max);
+        assert_eq!(
+            (outcome.invalid, outcome.left_over),
+            (None, 0),
+            "stream did not end on a frame boundary"
+        );
+        outcome.bodies
     }
 
     #[test]
@@ -213,5 +251,62 @@ mod tests {
             text.contains("2000000") && text.contains("1048576"),
             "{text}"
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// Small, so that random bytes often read as a legal length and garbage decodes to
+        /// frames as well as to refusals.
+        const MAX: usize = 64;
+
+        /// One piece of a stream a peer might send.
+        fn segment() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                4 => (any::<u8>(), vec(any::<u8>(), 0..MAX)).prop_map(|(op, data)| frame(op, &data)),
+                2 => vec(any::<u8>(), 1..12),
+                1 => Just(vec![0, 0, 0, 0]),
+                1 => ((MAX as u32 + 1)..=u32::MAX).prop_map(|len| len.to_be_bytes().to_vec()),
+            ]
+        }
+
+        /// A stream and ascending cut offsets into it (duplicates are empty reads).
+        fn split_stream() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+            vec(segment(), 0..10)
+                .prop_map(|segments| segments.concat())
+                .prop_flat_map(|stream| {
+                    let len = stream.len();
+                    (Just(stream), vec(0..=len, 0..12))
+                })
+                .prop_map(|(stream, mut cuts)| {
+                    cuts.sort_unstable();
+                    (stream, cuts)
+                })
+        }
+
+        proptest! {
+            /// Where reads happen to split a stream never changes what it means: the same
+            /// frames, the same refusal at the same offset, the same unfinished tail.
+            #[test]
+            fn any_split_decodes_like_the_stream_in_one_piece((stream, cuts) in split_stream()) {
+                prop_assert_eq!(feed(&stream, &cuts, MAX), feed(&stream, &[], MAX));
+            }
+
+            /// A refusal needs only the four header bytes, so no caller ever buffers any
+            /// of the body a refused length announces.
+            #[test]
+            fn a_refused_length_is_refused_on_its_header_alone(
+                header in any::<[u8; HEADER_LEN]>(),
+                body in vec(any::<u8>(), 0..MAX),
+            ) {
+                let mut stream = header.to_vec();
+                stream.extend_from_slice(&body);
+                if let Decoded::Invalid(e) = decode(&stream, MAX) {
+                    prop_assert_eq!(decode(&header, MAX), Decoded::Invalid(e));
+                }
+            }
+        }
     }
 }

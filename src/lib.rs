@@ -11,8 +11,12 @@
 //! - the connection cap comes from `RLIMIT_NOFILE` minus a reserve, and at the cap the server
 //!   stops accepting instead of failing in `accept` ([`limits`]);
 //! - EMFILE/ENFILE on accept back off without spinning and recover by themselves ([`limits`]);
-//! - frame size, pending output and idle time are bounded per connection ([`frame`],
-//!   [`connection`], [`timers`]).
+//! - frame size, pending output, idle time and the time to finish a frame are bounded per
+//!   connection ([`frame`], [`connection`], [`timers`]), and the memory all connections hold
+//!   together is bounded too ([`memory`]);
+//! - a close that may leave input unread lingers (shut down writing, discard input until the
+//!   peer's FIN), so the kernel sends FIN, not an RST that would destroy replies in flight
+//!   ([`connection`]).
 //!
 //! # Using it
 //!
@@ -42,13 +46,15 @@
 //! 4. [`frame`] — framing: length prefix, limits, partial frames; never what an op means.
 //! 5. [`service`] — the [`Service`] trait and the reference ECHO/PING/STATS service.
 //! 6. [`limits`] — the fd budget, the cap, the accept gate and the EMFILE back-off.
-//! 7. [`timers`] — idle deadlines in O(1).
-//! 8. `connections` — the slab registry: one connection, one entry, one registered fd.
-//! 9. `listener` — socket2 listener with an explicit backlog and inherited socket options.
-//! 10. [`stats`] — the counters behind STATS and the shutdown summary.
-//! 11. [`throttle`] — rate limit for log lines a peer can trigger.
-//! 12. [`config`] and [`cli`] — what an operator can set, and the thin binary around it.
-//! 13. [`procfs`] — counting a process's fds and CLOSE_WAIT sockets from `/proc`.
+//! 7. [`timers`] — idle, frame and linger deadlines in O(1).
+//! 8. [`memory`] — the memory budget over all connections, and whom it evicts.
+//! 9. `connections` — the slab registry: one connection, one entry, one registered fd.
+//! 10. `listener` — socket2 listener with an explicit backlog and inherited socket options.
+//! 11. [`stats`] — the counters behind STATS and the shutdown summary.
+//! 12. [`throttle`] — rate limit for log lines a peer can trigger.
+//! 13. [`config`] and [`cli`] — what an operator can set, and the thin binary around it.
+//! 14. [`procfs`] — counting a process's fds and CLOSE_WAIT sockets from `/proc`.
+//! 15. [`systemd`] — socket activation (`LISTEN_FDS`) and readiness notification.
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
@@ -64,10 +70,12 @@ pub mod frame;
 pub mod leak;
 pub mod limits;
 mod listener;
+pub mod memory;
 pub mod procfs;
 mod server;
 pub mod service;
 pub mod stats;
+pub mod systemd;
 pub mod throttle;
 pub mod timers;
 

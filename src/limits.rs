@@ -56,6 +56,12 @@ pub fn raise_nofile_limit() -> io::Result<NofileLimit> {
     })
 }
 
+/// The soft `RLIMIT_NOFILE` now. It can change under a running process (`prlimit --pid`),
+/// so whatever reports it after a failure reads it again rather than trusting start-up.
+pub fn current_nofile_soft() -> io::Result<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft)
+}
+
 /// How many connections the fd limit allows, and whether a requested cap had to be lowered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {

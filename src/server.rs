@@ -23,10 +23,11 @@ use signal_hook_mio::v1_0::Signals;
 use crate::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
 use crate::connections::Registry;
 use crate::limits::{self, AcceptError, AcceptGate, Transition};
+use crate::memory::{self, MemoryBudget};
 use crate::service::{self, Reference, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
-use crate::{frame, leak, listener, Config, EofPolicy, WhenFull};
+use crate::{frame, leak, listener, systemd, Config, EofPolicy, WhenFull};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -73,6 +74,7 @@ struct WorkerParts {
     poll: Poll,
     listener: TcpListener,
     cap: usize,
+    max_buffered: usize,
     signals: Option<Signals>,
 }
 
@@ -81,11 +83,15 @@ struct Shared {
     stop: AtomicBool,
     wakers: Vec<Waker>,
     stats: Stats,
+    /// Tell systemd when the drain starts (`Config::systemd`).
+    systemd: bool,
 }
 
 impl Shared {
     fn request_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        if !self.stop.swap(true, Ordering::SeqCst) && self.systemd {
+            systemd::notify_stopping();
+        }
         for waker in &self.wakers {
             if let Err(e) = waker.wake() {
                 log::error!("could not wake a worker to stop it: {e}");
@@ -179,16 +185,38 @@ impl<S: Service + 'static> Server<S> {
             }
         );
 
+        let max_buffered = match config.max_buffered {
+            Some(bytes) => {
+                log::info!("memory budget: {bytes} bytes in partial frames and pending replies");
+                bytes
+            }
+            None => match memory::default_max_buffered() {
+                Some((bytes, source)) => {
+                    log::info!(
+                        "memory budget: {bytes} bytes in partial frames and pending replies \
+                         ({source}; set --max-buffered to choose)"
+                    );
+                    bytes
+                }
+                None => {
+                    log::warn!(
+                        "memory budget: none (cannot read /proc/meminfo); set --max-buffered"
+                    );
+                    usize::MAX
+                }
+            },
+        };
+
         let mut parts = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
-        let first = listener::bind(config.listen, &config, workers > 1)?;
-        let local_addr = first.local_addr()?;
-        let mut first = Some(first);
-        for index in 0..workers {
-            let listener = match first.take() {
-                Some(listener) => listener,
-                None => listener::bind(local_addr, &config, true)?,
-            };
+        let inherited = if config.systemd {
+            systemd::take_listener()?
+        } else {
+            None
+        };
+        let listeners = listener::open_all(&config, workers, inherited)?;
+        let local_addr = listeners[0].local_addr()?;
+        for (index, listener) in listeners.into_iter().enumerate() {
             let poll = Poll::new()?;
             wakers.push(Waker::new(poll.registry(), WAKER)?);
             let signals = if config.handle_signals && index == 0 {
@@ -203,6 +231,7 @@ impl<S: Service + 'static> Server<S> {
                 poll,
                 listener,
                 cap: limits::split_cap(cap, workers, index),
+                max_buffered: limits::split_cap(max_buffered, workers, index),
                 signals,
             });
         }
@@ -213,11 +242,20 @@ impl<S: Service + 'static> Server<S> {
             if cap == usize::MAX { 0 } else { cap as u64 },
         );
         stats.set(Counter::FdLimit, nofile.soft);
+        stats.set(
+            Counter::MaxBuffered,
+            if max_buffered == usize::MAX {
+                0
+            } else {
+                max_buffered as u64
+            },
+        );
         stats.set(Counter::Workers, workers as u64);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             wakers,
             stats,
+            systemd: config.systemd,
         });
         Ok(Server {
             config,
@@ -251,6 +289,10 @@ impl<S: Service + 'static> Server<S> {
             make_service,
         } = self;
         log::info!("serving {local_addr} with {} worker(s)", workers.len());
+        if config.systemd {
+            // The listener is open: connections from now on are queued, then accepted.
+            systemd::notify_ready(local_addr, workers.len());
+        }
         let mut threads = Vec::new();
         let mut first = None;
         for (index, parts) in workers.into_iter().enumerate() {
@@ -290,6 +332,17 @@ impl<S: Service + 'static> Server<S> {
     }
 }
 
+/// The earlier of two optional deadlines (`None` is "never"). A plain fold, because
+/// `poll_timeout` runs every turn and iterator adapters over `Option`s cost more here.
+#[inline]
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
 /// Fds open in this process now (the directory handle used to count them excluded).
 fn count_own_fds() -> u64 {
     match std::fs::read_dir("/proc/self/fd") {
@@ -319,8 +372,10 @@ struct Worker<S> {
     output: Vec<u8>,
     /// Verdicts of this turn, acted on after the event batch.
     closing: Vec<(Token, CloseReason)>,
-    /// Connections to run again next turn without an event (read budget spent, or resumed).
+    /// Connections to run again next turn without an event (read budget spent, resumed, or
+    /// just lingering).
     again: Vec<Token>,
+    memory: MemoryBudget,
     drain_deadline: Option<Instant>,
     warn: Throttle,
     state_log: Throttle,
@@ -331,6 +386,8 @@ struct Worker<S> {
     max_pending_output: usize,
     eof_policy: EofPolicy,
     drain_timeout: Duration,
+    frame_timeout: Option<Duration>,
+    linger: bool,
 }
 
 impl<S: Service> Worker<S> {
@@ -345,6 +402,7 @@ impl<S: Service> Worker<S> {
             poll,
             listener,
             cap,
+            max_buffered,
             signals,
         } = parts;
         Worker {
@@ -353,7 +411,11 @@ impl<S: Service> Worker<S> {
             listener: Some(listener),
             listener_registered: false,
             signals,
-            registry: Registry::new(config.idle_timeout),
+            registry: Registry::new(
+                config.idle_timeout,
+                config.frame_timeout,
+                config.linger_timeout,
+            ),
             gate: AcceptGate::default(),
             cap,
             accept_pending: true,
@@ -363,6 +425,7 @@ impl<S: Service> Worker<S> {
             output: Vec::with_capacity(READ_CHUNK),
             closing: Vec::new(),
             again: Vec::new(),
+            memory: MemoryBudget::new(max_buffered),
             drain_deadline: None,
             warn: Throttle::default(),
             state_log: Throttle::new(1, STATE_LOG_INTERVAL),
@@ -373,6 +436,8 @@ impl<S: Service> Worker<S> {
             max_pending_output: config.max_pending_output,
             eof_policy: config.eof_policy,
             drain_timeout: config.drain_timeout,
+            frame_timeout: config.frame_timeout,
+            linger: config.linger_timeout.is_some(),
         }
     }
 
@@ -411,7 +476,8 @@ impl<S: Service> Worker<S> {
                 self.begin_shutdown(now);
             }
             self.reap(now);
-            self.expire_idle(now);
+            self.expire(now);
+            self.report_suppressed(now);
             if let Some(deadline) = self.drain_deadline {
                 if self.registry.is_empty() {
                     return Ok(());
@@ -445,19 +511,37 @@ impl<S: Service> Worker<S> {
         {
             return Some(Duration::ZERO);
         }
-        [
-            self.registry.next_deadline(),
-            self.gate.retry_at(),
-            self.drain_deadline,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|deadline| deadline.saturating_duration_since(now))
+        let mut next = earliest(self.registry.next_deadline(), self.gate.retry_at());
+        next = earliest(next, self.drain_deadline);
+        if self.has_suppressed_lines() {
+            for throttle in [
+                &self.warn,
+                &self.state_log,
+                &self.emfile_log,
+                &self.recovery_log,
+            ] {
+                next = earliest(next, throttle.report_due());
+            }
+        }
+        next.map(|deadline| deadline.saturating_duration_since(now))
     }
 
-    /// Run `f` on the connection behind `token` (if it is still open) and file its verdict.
+    /// Run `f` on the connection behind `token` (if it is still open) and file its verdict;
+    /// then, if the connections hold more than the memory budget, evict the largest.
     fn drive(
+        &mut self,
+        token: Token,
+        now: Instant,
+        f: impl FnOnce(&mut Connection, &mut Io<'_, S>) -> Step,
+    ) {
+        self.drive_one(token, now, f);
+        if self.memory.is_exceeded() {
+            self.enforce_memory_budget(now);
+        }
+    }
+
+    #[inline]
+    fn drive_one(
         &mut self,
         token: Token,
         now: Instant,
@@ -466,6 +550,7 @@ impl<S: Service> Worker<S> {
         let Some(conn) = self.registry.get_mut(token) else {
             return; // closed earlier: a stale event (mio #219), nothing to do
         };
+        let held_before = conn.buffered();
         let mut io = Io {
             input: &mut self.input,
             output: &mut self.output,
@@ -475,15 +560,47 @@ impl<S: Service> Worker<S> {
             max_frame: self.max_frame,
             max_pending_output: self.max_pending_output,
             eof_policy: self.eof_policy,
+            linger: self.linger,
         };
         let step = f(conn, &mut io);
-        if conn.take_progress() {
+        let held_after = conn.buffered();
+        let progressed = conn.take_progress();
+        let (began, in_frame) = (conn.take_frame_began(), conn.in_frame());
+        if progressed {
             self.registry.touch(token, now);
+        }
+        self.registry.track_frame(token, began, in_frame, now);
+        if held_before != held_after {
+            self.memory.record(held_before, held_after);
+            let stats = &self.shared.stats;
+            if held_after > held_before {
+                stats.add(Counter::BufferedBytes, (held_after - held_before) as u64);
+            } else {
+                stats.sub(Counter::BufferedBytes, (held_before - held_after) as u64);
+            }
         }
         match step {
             Step::Continue => {}
             Step::Again => self.again.push(token),
             Step::Close(reason) => self.closing.push((token, reason)),
+            Step::Linger => {
+                self.registry.start_linger(token, now);
+                self.shared.stats.add(Counter::Lingering, 1);
+                // Input that arrived while draining raised its edge already: read it now.
+                self.again.push(token);
+            }
+        }
+    }
+
+    /// Close the connections holding the most until all together are back under the budget.
+    /// Each eviction leaves its victim holding nothing (or one ERROR frame), so this ends.
+    fn enforce_memory_budget(&mut self, now: Instant) {
+        let limit = self.memory.limit();
+        while self.memory.is_exceeded() {
+            let Some((victim, _)) = self.registry.largest_holder() else {
+                return;
+            };
+            self.drive_one(victim, now, |conn, io| conn.evict(io, limit));
         }
     }
 
@@ -493,13 +610,27 @@ impl<S: Service> Worker<S> {
             return;
         }
         let stats = &self.shared.stats;
-        for (token, reason) in self.closing.drain(..) {
+        for (token, trigger) in self.closing.drain(..) {
             let Some(mut conn) = self.registry.remove(self.poll.registry(), token) else {
                 continue; // already closed this turn
             };
+            // A lingering close was decided earlier; the linger or drain timeout ending it
+            // does not change why.
+            let reason = match conn.lingering() {
+                Some(reason) => {
+                    stats.sub(Counter::Lingering, 1);
+                    reason
+                }
+                None => trigger,
+            };
+            let held = conn.buffered();
+            if held > 0 {
+                self.memory.record(held, 0);
+                stats.sub(Counter::BufferedBytes, held as u64);
+            }
             stats.sub(Counter::Active, 1);
             stats.add(reason.counter(), 1);
-            if reason == CloseReason::WriteStall {
+            if trigger == CloseReason::WriteStall {
                 // Abortive close: the kernel drops our queued output now instead of holding
                 // it (and the fd's memory) for a peer that is not reading.
                 let _ = socket2::SockRef::from(conn.stream_mut() as &TcpStream)
@@ -523,8 +654,10 @@ impl<S: Service> Worker<S> {
         }
     }
 
-    fn expire_idle(&mut self, now: Instant) {
-        while let Some(token) = self.registry.pop_expired(now) {
+    /// Act on every deadline that passed: idle connections close, unfinished frames get an
+    /// ERROR and a lingering close, lingering connections close.
+    fn expire(&mut self, now: Instant) {
+        while let Some(token) = self.registry.pop_idle(now) {
             let Some(conn) = self.registry.get_mut(token) else {
                 continue;
             };
@@ -535,7 +668,45 @@ impl<S: Service> Worker<S> {
             };
             self.closing.push((token, reason));
         }
+        if let Some(timeout) = self.frame_timeout {
+            while let Some(token) = self.registry.pop_frame(now) {
+                self.drive(token, now, |conn, io| conn.on_frame_timeout(io, timeout));
+            }
+        }
+        while let Some(token) = self.registry.pop_linger(now) {
+            if let Some(reason) = self.registry.get_mut(token).and_then(|c| c.lingering()) {
+                log::debug!("{token:?}: linger timeout; closing ({reason})");
+                self.closing.push((token, reason));
+            }
+        }
         self.reap(now);
+    }
+
+    /// Whether any throttle dropped lines not yet reported (rare: checked first, since the
+    /// loop asks every turn).
+    fn has_suppressed_lines(&self) -> bool {
+        self.warn.report_due().is_some()
+            || self.state_log.report_due().is_some()
+            || self.emfile_log.report_due().is_some()
+            || self.recovery_log.report_due().is_some()
+    }
+
+    /// Say how many lines each throttle dropped once its window is over, even when no later
+    /// line comes to carry the count (a burst of 3,000 idle closes, then silence).
+    fn report_suppressed(&mut self, now: Instant) {
+        if !self.has_suppressed_lines() {
+            return;
+        }
+        for (throttle, what) in [
+            (&mut self.warn, "warnings about peers"),
+            (&mut self.state_log, "connection-cap lines"),
+            (&mut self.emfile_log, "accept-failure lines"),
+            (&mut self.recovery_log, "accept-recovery lines"),
+        ] {
+            if let Some((count, window)) = throttle.take_overdue(now) {
+                log::warn!("{count} similar {what} suppressed in the last {window:?}");
+            }
+        }
     }
 
     /// Accept until the backlog is empty, the cap is reached, or fds run out.
@@ -594,7 +765,15 @@ impl<S: Service> Worker<S> {
             self.shared.stats.add(Counter::EmfileEvents, 1);
         }
         let open = self.registry.len();
-        let limit = self.shared.stats.get(Counter::FdLimit);
+        // Re-read: an operator may have changed the limit of the running process
+        // (`prlimit --pid`), and a stale number in this line would mislead whoever reads it.
+        let limit = match limits::current_nofile_soft() {
+            Ok(soft) => {
+                self.shared.stats.set(Counter::FdLimit, soft);
+                soft
+            }
+            Err(_) => self.shared.stats.get(Counter::FdLimit),
+        };
         // At the limit, every close frees one fd that the next accept takes, so fds can flap
         // between "failing" and "recovered" many times a second: both lines are throttled.
         match self.gate.exhausted(now) {
@@ -717,7 +896,5 @@ impl<S: Service> Worker<S> {
         for token in self.registry.tokens() {
             self.drive(token, now, |conn, io| conn.begin_shutdown(io));
         }
-        // Resumed connections are driven by events now; shutdown never reads a paused one.
-        self.again.clear();
     }
 }

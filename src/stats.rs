@@ -30,8 +30,14 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Connections open now.
+    /// Connections open now (lingering ones included).
     Active => "active",
+    /// Connections closing gracefully now: replies flushed, writing shut down, waiting for the
+    /// peer's FIN (or the linger timeout) while discarding its input.
+    Lingering => "lingering",
+    /// Bytes all connections hold now in partial frames and pending replies (allocated
+    /// capacity), against the memory budget.
+    BufferedBytes => "buffered_bytes",
     /// Connections accepted since start (rejected ones included).
     Accepted => "accepted",
     /// Closed after the peer's FIN (read returned 0), replies flushed.
@@ -48,6 +54,10 @@ counters! {
     ClosedWriteStall => "closed_write_stall",
     /// Closed by a graceful shutdown.
     ClosedShutdown => "closed_shutdown",
+    /// Closed because a frame was not completed within the frame timeout (ERROR sent).
+    ClosedFrameTimeout => "closed_frame_timeout",
+    /// Closed because it held the most memory when all connections passed the memory budget.
+    ClosedMemory => "closed_memory",
     /// Sent "server full" and closed (`--when-full reject`).
     Rejected => "rejected",
     /// Peer closes deliberately ignored by the leaky variant (sockets left in CLOSE_WAIT).
@@ -62,8 +72,11 @@ counters! {
     EmfileEvents => "emfile_events",
     /// The connection cap in force (sum over workers).
     MaxConnections => "max_connections",
-    /// The process's RLIMIT_NOFILE soft limit after start-up raised it.
+    /// The process's RLIMIT_NOFILE soft limit: raised at start-up, re-read when accept fails
+    /// (an operator may change it under a running process with `prlimit --pid`).
     FdLimit => "fd_limit",
+    /// The memory budget for partial frames and pending replies, in bytes (0 = none).
+    MaxBuffered => "max_buffered",
     /// Event-loop threads.
     Workers => "workers",
 }

@@ -1,10 +1,13 @@
-//! Idle deadlines for every connection, in O(1) per update and per expiry.
+//! Deadlines for every connection, in O(1) per update and per expiry.
 //!
-//! All connections share one timeout, so a connection touched later also expires later: an
-//! ordered list where "touch" moves a connection to the tail keeps the list sorted by
-//! deadline without a heap or a wheel. The head is always the next to expire, so each loop
+//! The loop keeps three lists: idle time (since the last byte in or out), frame time (since
+//! the first byte of an unfinished frame) and linger time (since a graceful close shut down
+//! writing). Within one list all connections share one timeout, so a connection touched later
+//! also expires later: an ordered list where "touch" moves a connection to the tail keeps the
+//! list sorted by deadline without a heap or a wheel. The head is always the next to expire, so each loop
 //! turn costs O(1) plus one step per connection actually expiring, however many are idle.
-//! The list is intrusive over slab keys (one small node per slot), so it allocates nothing
+//! The list is intrusive over slab keys (one small node per slot, grown only as far as the
+//! highest key ever touched, so a list nobody uses costs nothing), so it allocates nothing
 //! per event. Time is always passed in (`now`), never read here, so tests need no sleeping.
 
 use std::time::{Duration, Instant};
@@ -25,19 +28,19 @@ const UNLINKED: Node = Node {
     deadline: None,
 };
 
-/// Connections ordered by idle deadline (last activity + timeout), earliest first.
+/// Connections ordered by deadline (last touch + the list's timeout), earliest first.
 #[derive(Debug)]
-pub struct IdleList {
+pub struct DeadlineList {
     timeout: Duration,
     nodes: Vec<Node>,
     head: u32,
     tail: u32,
 }
 
-impl IdleList {
+impl DeadlineList {
     /// An empty list whose deadlines are `timeout` after each touch.
-    pub fn new(timeout: Duration) -> IdleList {
-        IdleList {
+    pub fn new(timeout: Duration) -> DeadlineList {
+        DeadlineList {
             timeout,
             nodes: Vec::new(),
             head: NIL,
@@ -45,7 +48,7 @@ impl IdleList {
         }
     }
 
-    /// `key` was active at `now`: its deadline becomes `now + timeout` (inserting it if new).
+    /// `key` was touched at `now`: its deadline becomes `now + timeout` (inserting it if new).
     pub fn touch(&mut self, key: usize, now: Instant) {
         if key >= self.nodes.len() {
             self.nodes.resize(key + 1, UNLINKED);
@@ -58,7 +61,8 @@ impl IdleList {
         self.nodes[key].deadline = Some(now + self.timeout);
     }
 
-    /// Forget `key` (its connection closed). A no-op if it is not in the list.
+    /// Forget `key` (its connection closed, or what was timed is over). A no-op if it is not
+    /// in the list.
     pub fn remove(&mut self, key: usize) {
         if key < self.nodes.len() {
             self.unlink(key as u32);
@@ -115,14 +119,14 @@ mod tests {
 
     const SEC: Duration = Duration::from_secs(1);
 
-    fn drain(list: &mut IdleList, now: Instant) -> Vec<usize> {
+    fn drain(list: &mut DeadlineList, now: Instant) -> Vec<usize> {
         std::iter::from_fn(|| list.pop_expired(now)).collect()
     }
 
     #[test]
     fn expires_in_order_of_last_activity() {
         let t0 = Instant::now();
-        let mut list = IdleList::new(10 * SEC);
+        let mut list = DeadlineList::new(10 * SEC);
         list.touch(3, t0);
         list.touch(1, t0 + SEC);
         list.touch(7, t0 + 2 * SEC);
@@ -136,7 +140,7 @@ mod tests {
     #[test]
     fn touch_moves_a_connection_to_the_back() {
         let t0 = Instant::now();
-        let mut list = IdleList::new(10 * SEC);
+        let mut list = DeadlineList::new(10 * SEC);
         list.touch(0, t0);
         list.touch(1, t0);
         list.touch(0, t0 + 5 * SEC);
@@ -147,7 +151,7 @@ mod tests {
     #[test]
     fn removed_keys_never_expire_and_can_be_reused() {
         let t0 = Instant::now();
-        let mut list = IdleList::new(SEC);
+        let mut list = DeadlineList::new(SEC);
         for key in 0..4 {
             list.touch(key, t0);
         }
@@ -162,7 +166,7 @@ mod tests {
     #[test]
     fn a_thousand_idle_connections_cost_nothing_until_one_expires() {
         let t0 = Instant::now();
-        let mut list = IdleList::new(SEC);
+        let mut list = DeadlineList::new(SEC);
         for key in 0..1000 {
             list.touch(key, t0 + Duration::from_millis(key as u64));
         }

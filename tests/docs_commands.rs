@@ -559,7 +559,43 @@ fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
         "servers that run until stopped; .ci/docs-commands and loadtest/tests/probe.rs start them",
     );
     stacks.finish();
-    for doc in ["docs/close-wait.md", "docs/architecture.md"] {
-        Ledger::new(doc).finish();
+    Ledger::new("docs/architecture.md").finish();
+}
+
+/// close-wait.md's RST-rule table, re-run as the doc shows it: closing at once resets every
+/// trial; lingering delivers every one.
+#[test]
+fn the_rst_rule_script_shows_what_the_close_wait_doc_says() {
+    let mut ledger = Ledger::new("docs/close-wait.md");
+    let command = ledger.take("python3 docs/scripts/rst-on-close.py PORT 100");
+    ledger.finish();
+    for (flags, expected) in [
+        (
+            &["--linger-timeout", "0"][..],
+            "100 trials: 0 got the whole echo reply, the ERROR frame and EOF; 100 ended in \
+             ECONNRESET",
+        ),
+        (
+            &[][..],
+            "100 trials: 100 got the whole echo reply, the ERROR frame and EOF; 0 ended in \
+             ECONNRESET",
+        ),
+    ] {
+        let server = Server::start(flags);
+        let ran = bash(
+            &command[0].replace("PORT", &server.addr.port().to_string()),
+            &[],
+        );
+        assert_ok(&ran, &command[0]);
+        assert!(
+            ran.stdout.starts_with(expected),
+            "{flags:?}: {}",
+            ran.stdout
+        );
+        assert!(
+            ran.stdout.contains("TcpExtTCPAbortOnClose +"),
+            "{}",
+            ran.stdout
+        );
     }
 }

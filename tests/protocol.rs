@@ -52,9 +52,16 @@ fn oversized_frame_gets_an_error_naming_the_limit_then_close() {
     );
     assert!(client.at_eof(), "closed after the error");
     other.echo(b"unharmed");
-    let stats = other.stats();
-    assert_eq!(stats["closed_protocol"], 1, "{stats:?}");
-    drop((client, other));
+    // The server lingers (writing shut down) until this peer closes too.
+    assert_eq!(other.stats()["lingering"], 1);
+    drop(client);
+    assert!(
+        wait_until(WAIT, || other.stats()["closed_protocol"] == 1),
+        "{:?}",
+        other.stats()
+    );
+    assert_eq!(other.stats()["lingering"], 0);
+    drop(other);
     server.wait_for_fds(baseline);
 }
 

@@ -2,9 +2,12 @@
 //! the server's fds, CLOSE_WAIT sockets, CPU time and memory from /proc.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod fleet;
+
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -42,27 +45,42 @@ impl Server {
         Server::spawn_program(program.as_os_str(), None, args)
     }
 
+    /// Start `closewait --listen ADDR ARGS...` (to come back on the port it had).
+    pub fn start_on(addr: SocketAddr, args: &[&str]) -> Server {
+        let cmd = command(env!("CARGO_BIN_EXE_closewait"));
+        Server::spawn_command(cmd, &addr.to_string(), args)
+    }
+
+    /// Start closewait as systemd's socket activation does: `listener` is its fd 3, with
+    /// `LISTEN_FDS=1`, `LISTEN_PID` its pid, and `env` besides.
+    pub fn start_activated(listener: &TcpListener, env: &[(&str, &str)], args: &[&str]) -> Server {
+        let fd = listener.try_clone().expect("dup listener").into();
+        Server::spawn_command(activated_command(fd, env), "127.0.0.1:0", args)
+    }
+
     fn spawn(nofile: Option<u64>, args: &[&str]) -> Server {
         Server::spawn_program(env!("CARGO_BIN_EXE_closewait").as_ref(), nofile, args)
     }
 
     fn spawn_program(bin: &std::ffi::OsStr, nofile: Option<u64>, args: &[&str]) -> Server {
-        let mut cmd = match nofile {
+        let cmd = match nofile {
             Some(n) => {
-                let mut cmd = Command::new("prlimit");
+                let mut cmd = command("prlimit");
                 cmd.arg(format!("--nofile={n}:{n}")).arg(bin);
                 cmd
             }
-            None => Command::new(bin),
+            None => command(bin),
         };
-        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        Server::spawn_command(cmd, "127.0.0.1:0", args)
+    }
+
+    fn spawn_command(mut cmd: Command, listen: &str, args: &[&str]) -> Server {
+        cmd.args(["--listen", listen]).args(args);
         cmd.env(
             "RUST_LOG",
             std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn closewait");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
@@ -247,6 +265,64 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A command for `program` with stdin from /dev/null that, whatever ran the tests, talks to
+/// no service manager unless the test says so.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for var in [
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// closewait (arguments to follow) started as systemd's socket activation starts it: `fd`
+/// as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` its pid, and `env` besides.
+pub fn activated_command(fd: OwnedFd, env: &[(&str, &str)]) -> Command {
+    activated_command_via(&[], fd, env)
+}
+
+/// [`activated_command`] through `wrapper` (a program that takes the socket the same way and
+/// runs closewait with it, such as `systemd-socket-activate`).
+pub fn activated_command_via(wrapper: &[&str], fd: OwnedFd, env: &[(&str, &str)]) -> Command {
+    // The shell moves the socket from stdin to fd 3 and knows the pid that exec keeps: what
+    // systemd does between fork and exec, without unsafe pre_exec code in a test.
+    let mut cmd = command("sh");
+    cmd.args([
+        "-c",
+        r#"export LISTEN_PID=$$; exec "$0" "$@" 3<&0 </dev/null"#,
+    ])
+    .args(wrapper)
+    .arg(env!("CARGO_BIN_EXE_closewait"));
+    cmd.stdin(Stdio::from(fd))
+        .env("LISTEN_FDS", "1")
+        .envs(env.iter().copied());
+    cmd
+}
+
+/// A directory of its own for one test, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("closewait-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
