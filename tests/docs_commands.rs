@@ -396,7 +396,13 @@ fn diagnose_commands_run_against_a_leaky_server() {
         "cargo run --release -p loadtest -- watch",
         "no cargo inside cargo test; .ci/docs-commands runs it as written against a live server",
     );
+    ledger.not_run(
+        "cargo run --release -p loadtest -- probe",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written against a leaky \
+         server, and loadtest/tests/probe.rs runs the probe against four servers",
+    );
     let server = Server::start(&["--leaky"]);
+    let baseline = server.fds();
     let (pid, port) = (server.pid().to_string(), server.addr.port().to_string());
     let env = [("PID", pid.clone()), ("PORT", port.clone())];
     let localize = |c: &str| {
@@ -415,6 +421,10 @@ fn diagnose_commands_run_against_a_leaky_server() {
         if !no_match {
             assert_ok(&ran, &command);
         }
+        // Section 5: the five peers reset after their FIN left CLOSE_WAIT, fds still held.
+        if command == "lsof -p $PID | grep -c 'protocol: TCP'" {
+            assert_eq!(ran.stdout.trim(), "5", "{}", ran.stdout);
+        }
         if command.starts_with("lsof -p $PID -a -i TCP") {
             assert_eq!(
                 ran.stdout.matches("(CLOSE_WAIT)").count(),
@@ -425,8 +435,10 @@ fn diagnose_commands_run_against_a_leaky_server() {
         }
     }
     ledger.finish();
-    // The doc's `peers.py $PORT 5` ran exactly once: five leaked sockets, as shown.
+    // The doc's `peers.py $PORT 5` ran exactly once: five leaked sockets in CLOSE_WAIT, as
+    // shown; `fin-then-rst.py $PORT 5` leaked five more that no TCP table lists.
     assert_eq!(server.close_wait(), 5);
+    assert_eq!(server.fds(), baseline + 10, "ten leaked fds");
 }
 
 #[test]
@@ -614,6 +626,17 @@ fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
          binary is run by tests/example_counter.rs and template_snippet_talks_to_the_counter_example",
     );
     template.finish();
+    let mut stacks = Ledger::new("docs/other-stacks/README.md");
+    stacks.not_run(
+        "cargo run --release -p loadtest -- probe",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written against both Python \
+         servers, and loadtest/tests/probe.rs checks the counts the doc shows",
+    );
+    stacks.not_run(
+        "python3 docs/other-stacks/python/",
+        "servers that run until stopped; .ci/docs-commands and loadtest/tests/probe.rs start them",
+    );
+    stacks.finish();
     Ledger::new("docs/architecture.md").finish();
 }
 
