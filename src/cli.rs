@@ -21,7 +21,8 @@ use crate::{Server, Service};
 /// (`#[command(flatten)] server: ServerArgs`): every [`Config`] field an operator sets.
 #[derive(clap::Args, Debug)]
 pub struct ServerArgs {
-    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed).
+    /// Address to listen on (port 0 = let the OS pick; the chosen one is printed). Ignored
+    /// when systemd passes a listening socket (socket activation, LISTEN_FDS).
     #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Largest frame body a peer may send, in bytes.
@@ -77,6 +78,10 @@ pub struct ServerArgs {
     /// Event-loop threads, each with its own SO_REUSEPORT listener.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..).map(|v| v as usize))]
     pub workers: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default; port 0 = let the OS
+    /// pick; bind it to loopback or a private interface).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `--when-full` values.
@@ -93,8 +98,9 @@ fn secs(n: u64) -> Option<Duration> {
 }
 
 impl ServerArgs {
-    /// The [`Config`] these flags describe: signals handled, as a process should, and
-    /// `tcp_user_timeout` following the idle timeout unless given.
+    /// The [`Config`] these flags describe: signals handled and systemd's socket and
+    /// notifications used when present, as a process should, and `tcp_user_timeout`
+    /// following the idle timeout unless given.
     pub fn to_config(&self) -> Config {
         let idle_timeout = secs(self.idle_timeout);
         Config {
@@ -121,12 +127,14 @@ impl ServerArgs {
             }),
             workers: self.workers,
             handle_signals: true,
+            systemd: true,
+            metrics: self.metrics,
         }
     }
 }
 
 /// What the binary does once it has a bound server (or a reason it has none): print
-/// `listening on IP:PORT` to stdout, serve until SIGINT/SIGTERM, map the outcome to an exit
+/// `listening on IP:PORT` to stdout (and `metrics on IP:PORT` after it with `--metrics`), serve until SIGINT/SIGTERM, map the outcome to an exit
 /// code. A service built on closewait calls this with its own `Server::with_service(..)`.
 pub fn serve<S: Service + 'static>(server: std::io::Result<Server<S>>) -> ExitCode {
     // Call init_logging before building the server to see its start-up lines too; this one
@@ -141,11 +149,15 @@ pub fn serve<S: Service + 'static>(server: std::io::Result<Server<S>>) -> ExitCo
     };
     // Scripts and tests wait for exactly this line; flush so a pipe sees it at once.
     let mut out = std::io::stdout().lock();
+    let metrics = server
+        .metrics_addr()
+        .map(|addr| format!("metrics on {addr}\n"));
     if writeln!(out, "listening on {}", server.local_addr())
+        .and_then(|_| out.write_all(metrics.unwrap_or_default().as_bytes()))
         .and_then(|_| out.flush())
         .is_err()
     {
-        log::warn!("could not write the listening line to stdout");
+        log::warn!("could not write the listening line(s) to stdout");
     }
     drop(out);
     match server.run() {

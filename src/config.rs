@@ -88,6 +88,14 @@ pub struct Config {
     pub workers: usize,
     /// Install SIGINT/SIGTERM handlers that trigger a graceful shutdown (the binary does).
     pub handle_signals: bool,
+    /// Work with systemd (the binary does): serve the listening socket
+    /// passed by socket activation (`LISTEN_FDS`) instead of binding `listen`, and report
+    /// `READY=1` once listening and `STOPPING=1` when the drain starts (`NOTIFY_SOCKET`).
+    /// Without those variables, as when run by hand, it changes nothing.
+    pub systemd: bool,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` on a thread of its own; `None` = off.
+    /// Port 0 lets the OS pick (see [`crate::Server::metrics_addr`]).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -110,6 +118,8 @@ impl Default for Config {
             max_buffered: None,
             workers: 1,
             handle_signals: false,
+            systemd: false,
+            metrics: None,
         }
     }
 }

@@ -23,10 +23,13 @@
 //! at all. Handlers return a [`Step`]; a connection never removes itself — the loop does that,
 //! once, through its one close path.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::TcpStream;
+use mio::Token;
 
 use crate::codec::{Codec, Decoded};
 use crate::leak;
@@ -207,6 +210,11 @@ pub struct Io<'a, S: Service> {
     pub eof_policy: EofPolicy,
     /// Whether graceful closes linger (`--linger-timeout` is not 0).
     pub linger: bool,
+    /// When a read returned 0 (the peer's FIN), by token, until the loop closes the socket:
+    /// the FIN-to-close clock, kept by the loop so an idle connection stays small.
+    pub fins: &'a mut HashMap<Token, Instant>,
+    /// The token of the connection being driven.
+    pub token: Token,
 }
 
 /// A client connection and its state.
@@ -466,6 +474,7 @@ impl Connection {
             }
             match self.stream.read(io.input) {
                 Ok(0) => {
+                    io.fins.insert(io.token, Instant::now());
                     step = leak::on_read_eof(io.eof_policy, self);
                     if self.state == State::Leaked {
                         io.stats.add(Counter::Leaked, 1);
@@ -691,7 +700,10 @@ impl Connection {
     fn discard<S: Service>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
         for _ in 0..READS_PER_TURN {
             match self.stream.read(io.input) {
-                Ok(0) => return Step::Close(why.reason()),
+                Ok(0) => {
+                    io.fins.insert(io.token, Instant::now());
+                    return Step::Close(why.reason());
+                }
                 Ok(n) => {
                     self.discarded = self.discarded.saturating_add(n as u32);
                     if self.discarded >= LINGER_MAX_DISCARD {
@@ -788,7 +800,7 @@ mod tests {
 
     use std::net::{Shutdown, TcpListener};
     use std::thread;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use mio::{Events, Interest, Poll, Token};
 
@@ -816,6 +828,7 @@ mod tests {
         codec: LengthPrefixed,
         stats: Stats,
         warn: Throttle,
+        fins: HashMap<Token, Instant>,
     }
 
     impl Parts {
@@ -828,6 +841,7 @@ mod tests {
                 codec: LengthPrefixed,
                 stats: Stats::default(),
                 warn: Throttle::default(),
+                fins: HashMap::new(),
             }
         }
 
@@ -843,6 +857,8 @@ mod tests {
                 max_pending_output: 1 << 20,
                 eof_policy: EofPolicy::Close,
                 linger: true,
+                fins: &mut self.fins,
+                token: Token(0),
             }
         }
     }

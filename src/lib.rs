@@ -72,8 +72,10 @@
 //! 11. [`stats`] — the counters behind STATS and the shutdown summary.
 //! 12. `throttle` — rate limit for log lines a peer can trigger.
 //! 13. [`config`] and [`cli`] — what an operator can set, and a server process's start-up.
-//! 14. `testing` — the test kit, with `testing::procfs`: a process's fds and CLOSE_WAIT
-//!     sockets from `/proc`.
+//! 14. `systemd` — socket activation (`LISTEN_FDS`) and readiness notification.
+//! 15. `metrics` — the Prometheus endpoint (`--metrics`), on a thread of its own.
+//! 16. `procfs` — a process's fds and TCP sockets by state from `/proc` (the metrics'
+//!     CLOSE_WAIT fallback; public as `testing::procfs`, the test kit's).
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
 //! `diagnose.md` (finding it), `fd-budget.md` (the limits), `architecture.md` (this code),
@@ -93,9 +95,14 @@ mod leak;
 mod limits;
 mod listener;
 mod memory;
+mod metrics;
+// The test kit publishes it as `testing::procfs`; the server itself uses only a part.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
+mod procfs;
 mod server;
 pub mod service;
 pub mod stats;
+mod systemd;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod throttle;

@@ -8,6 +8,7 @@
 //! With `workers > 1` each worker thread runs this same loop with its own poll, slab and
 //! `SO_REUSEPORT` listener, and its share of the connection cap; counters are shared.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +30,7 @@ use crate::memory::{self, MemoryBudget};
 use crate::service::{Reference, Service};
 use crate::stats::{Counter, Stats};
 use crate::throttle::Throttle;
-use crate::{listener, Config, WhenFull};
+use crate::{listener, metrics, systemd, Config, WhenFull};
 
 const LISTENER: Token = Token(usize::MAX);
 const WAKER: Token = Token(usize::MAX - 1);
@@ -71,6 +72,7 @@ pub struct Server<S = Reference> {
     workers: Vec<WorkerParts>,
     shared: Arc<Shared>,
     make_service: Arc<dyn Fn() -> S + Send + Sync>,
+    metrics: Option<metrics::Exporter>,
 }
 
 struct WorkerParts {
@@ -86,11 +88,15 @@ struct Shared {
     stop: AtomicBool,
     wakers: Vec<Waker>,
     stats: Stats,
+    /// Tell systemd when the drain starts (`Config::systemd`).
+    systemd: bool,
 }
 
 impl Shared {
     fn request_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        if !self.stop.swap(true, Ordering::SeqCst) && self.systemd {
+            systemd::notify_stopping();
+        }
         for waker in &self.wakers {
             if let Err(e) = waker.wake() {
                 log::error!("could not wake a worker to stop it: {e}");
@@ -164,6 +170,8 @@ impl<S: Service + 'static> Server<S> {
             );
         }
         let nofile = limits::raise_nofile_limit()?;
+        // Before counting fds, so the budget knows the metrics listener's.
+        let metrics = config.metrics.map(metrics::Exporter::bind).transpose()?;
         let open_at_start = count_own_fds();
         let budget =
             limits::derive_budget(nofile.soft, open_at_start, workers, config.max_connections)
@@ -221,14 +229,14 @@ impl<S: Service + 'static> Server<S> {
 
         let mut parts = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
-        let first = listener::bind(config.listen, &config, workers > 1)?;
-        let local_addr = first.local_addr()?;
-        let mut first = Some(first);
-        for index in 0..workers {
-            let listener = match first.take() {
-                Some(listener) => listener,
-                None => listener::bind(local_addr, &config, true)?,
-            };
+        let inherited = if config.systemd {
+            systemd::take_listener()?
+        } else {
+            None
+        };
+        let listeners = listener::open_all(&config, workers, inherited)?;
+        let local_addr = listeners[0].local_addr()?;
+        for (index, listener) in listeners.into_iter().enumerate() {
             let poll = Poll::new()?;
             wakers.push(Waker::new(poll.registry(), WAKER)?);
             let signals = if config.handle_signals && index == 0 {
@@ -267,6 +275,7 @@ impl<S: Service + 'static> Server<S> {
             stop: AtomicBool::new(false),
             wakers,
             stats,
+            systemd: config.systemd,
         });
         Ok(Server {
             config,
@@ -275,12 +284,19 @@ impl<S: Service + 'static> Server<S> {
             workers: parts,
             shared,
             make_service: Arc::new(make_service),
+            metrics,
         })
     }
 
     /// The address the server listens on (with the port the OS chose for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the Prometheus endpoint ([`Config::metrics`]), with the port the OS
+    /// chose for port 0; `None` when metrics are off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(metrics::Exporter::local_addr)
     }
 
     /// A handle to stop the server or read its counters from another thread.
@@ -300,8 +316,19 @@ impl<S: Service + 'static> Server<S> {
             workers,
             shared,
             make_service,
+            metrics,
         } = self;
         log::info!("serving {local_addr} with {} worker(s)", workers.len());
+        if config.systemd {
+            // The listener is open: connections from now on are queued, then accepted.
+            systemd::notify_ready(local_addr, workers.len());
+        }
+        let metrics = match metrics {
+            Some(exporter) => Some(exporter.spawn(Handle {
+                shared: shared.clone(),
+            })?),
+            None => None,
+        };
         let mut threads = Vec::new();
         let mut first = None;
         for (index, parts) in workers.into_iter().enumerate() {
@@ -335,6 +362,10 @@ impl<S: Service + 'static> Server<S> {
             if result.is_ok() {
                 result = outcome;
             }
+        }
+        // Last, so the drain can be watched; a scrape in progress ends within its timeouts.
+        if let Some(metrics) = metrics {
+            metrics.stop();
         }
         log::info!("stopped; {}", shared.stats.summary());
         result
@@ -386,6 +417,12 @@ struct Worker<S: Service> {
     /// just lingering).
     again: Vec<Token>,
     memory: MemoryBudget,
+    /// When each connection read its peer's FIN (filled through `Io::fins`), until `reap`
+    /// closes it: the FIN-to-close histogram. Kept here, not in `Connection`, so only closing
+    /// connections pay for it; it holds about one turn's FINs (at most one per event), plus
+    /// connections still flushing to a half-closed peer (and, in the leaky variant, every
+    /// leaked one).
+    eof_at: HashMap<Token, Instant>,
     drain_deadline: Option<Instant>,
     warn: Throttle,
     state_log: Throttle,
@@ -438,6 +475,7 @@ impl<S: Service> Worker<S> {
             closing: Vec::new(),
             again: Vec::new(),
             memory: MemoryBudget::new(max_buffered),
+            eof_at: HashMap::new(),
             drain_deadline: None,
             warn: Throttle::default(),
             state_log: Throttle::new(1, STATE_LOG_INTERVAL),
@@ -574,6 +612,8 @@ impl<S: Service> Worker<S> {
             max_pending_output: self.max_pending_output,
             eof_policy: self.eof_policy,
             linger: self.linger,
+            fins: &mut self.eof_at,
+            token,
         };
         let step = f(conn, &mut io);
         let held_after = conn.buffered();
@@ -659,6 +699,10 @@ impl<S: Service> Worker<S> {
                 }
             } else {
                 log::debug!("{}: closed: {reason}", conn.peer());
+            }
+            drop(conn); // close(2)
+            if let Some(at) = self.eof_at.remove(&token) {
+                stats.observe_fin_to_close(at.elapsed());
             }
         }
         // A freed fd raises no event: if accept was paused (cap or EMFILE), retry now.

@@ -1,14 +1,31 @@
 //! Counters: every way a connection ends and every accept decision, as numbers.
 //!
 //! One [`Stats`] is shared by all workers (plain relaxed atomics: each counter is independent
-//! and only ever read as a snapshot), so STATS and the shutdown summary are sums over the whole
-//! process. This module only counts; it never decides anything.
+//! and only ever read as a snapshot), so STATS, the shutdown summary and the Prometheus
+//! endpoint (`--metrics`) are sums over the whole process. This module only counts; it never
+//! decides anything, and nothing here takes a lock: workers update it on every request.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+/// How a counter is exported to Prometheus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Only ever grows; exported with a `_total` suffix, graphed as a rate.
+    Counter,
+    /// Goes up and down (or is a setting); exported as is.
+    Gauge,
+}
+
+// One line per counter: `Variant => "stats_name", kind,` and, where the STATS name lacks the
+// base unit Prometheus names want, the metric name (`gauge "max_buffered_bytes"`) and the
+// divisor that converts the value (`counter "accept_paused_seconds" / 1000`). Adding a
+// counter is adding a line: STATS, the summary and the metrics endpoint all follow
+// `Counter::ALL`.
 macro_rules! counters {
-    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal,)*) => {
+    ($($(#[doc = $doc:literal])*
+       $variant:ident => $name:literal, $kind:ident $($metric:literal)? $(/ $divisor:literal)?,)*) => {
         /// A named counter or gauge. The STATS reply lists them in this order as `name value`.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Counter {
@@ -25,69 +42,160 @@ macro_rules! counters {
                     $(Counter::$variant => $name,)*
                 }
             }
+
+            /// The one-line description (the doc comment), used as the metric's HELP text.
+            pub fn help(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => concat!($($doc, )*).trim_ascii(),)*
+                }
+            }
+
+            /// How the metrics endpoint exports it.
+            pub fn kind(self) -> Kind {
+                match self {
+                    $(Counter::$variant => kind!($kind),)*
+                }
+            }
+
+            /// The Prometheus name: `closewait_` and the STATS name, or the base-unit name
+            /// given in the table (counters get `_total` on top when encoded).
+            pub fn metric_name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => concat!("closewait_", first!($($metric,)? $name)),)*
+                }
+            }
+
+            /// What the STATS value is divided by to give the metric in its base unit.
+            pub fn divisor(self) -> u32 {
+                match self {
+                    $(Counter::$variant => first!($($divisor,)? 1),)*
+                }
+            }
         }
+    };
+}
+
+macro_rules! kind {
+    (counter) => {
+        Kind::Counter
+    };
+    (gauge) => {
+        Kind::Gauge
+    };
+}
+
+macro_rules! first {
+    ($first:literal $(, $rest:literal)*) => {
+        $first
     };
 }
 
 counters! {
     /// Connections open now (lingering ones included).
-    Active => "active",
+    Active => "active", gauge,
     /// Connections closing gracefully now: replies flushed, writing shut down, waiting for the
     /// peer's FIN (or the linger timeout) while discarding its input.
-    Lingering => "lingering",
+    Lingering => "lingering", gauge,
     /// Bytes all connections hold now in partial frames and pending replies (allocated
     /// capacity), against the memory budget.
-    BufferedBytes => "buffered_bytes",
+    BufferedBytes => "buffered_bytes", gauge,
     /// Connections accepted since start (rejected ones included).
-    Accepted => "accepted",
+    Accepted => "accepted", counter,
     /// Closed after the peer's FIN (read returned 0), replies flushed.
-    ClosedEof => "closed_eof",
+    ClosedEof => "closed_eof", counter,
     /// Closed by the service after its replies (a QUIT command), once the peer's FIN came.
-    ClosedService => "closed_service",
+    ClosedService => "closed_service", counter,
     /// Closed because the peer reset the connection (ECONNRESET, EPIPE).
-    ClosedReset => "closed_reset",
+    ClosedReset => "closed_reset", counter,
     /// Closed on any other I/O error (e.g. ETIMEDOUT from TCP_USER_TIMEOUT or keepalive).
-    ClosedError => "closed_error",
+    ClosedError => "closed_error", counter,
     /// Closed after an invalid frame (length 0 or above max_frame) and its ERROR reply.
-    ClosedProtocol => "closed_protocol",
+    ClosedProtocol => "closed_protocol", counter,
     /// Closed after the idle timeout with nothing received or sent.
-    ClosedIdle => "closed_idle",
+    ClosedIdle => "closed_idle", counter,
     /// Closed because the peer accepted no output for the idle timeout.
-    ClosedWriteStall => "closed_write_stall",
+    ClosedWriteStall => "closed_write_stall", counter,
     /// Closed by a graceful shutdown.
-    ClosedShutdown => "closed_shutdown",
+    ClosedShutdown => "closed_shutdown", counter,
     /// Closed because a frame was not completed within the frame timeout (ERROR sent).
-    ClosedFrameTimeout => "closed_frame_timeout",
+    ClosedFrameTimeout => "closed_frame_timeout", counter,
     /// Closed because it held the most memory when all connections passed the memory budget.
-    ClosedMemory => "closed_memory",
+    ClosedMemory => "closed_memory", counter,
     /// Sent "server full" and closed (`--when-full reject`).
-    Rejected => "rejected",
+    Rejected => "rejected", counter,
     /// Peer closes deliberately ignored by the leaky variant (sockets left in CLOSE_WAIT).
-    Leaked => "leaked",
+    Leaked => "leaked", counter,
     /// Requests answered (every complete frame, errors included).
-    Requests => "requests",
+    Requests => "requests", counter,
     /// Times accepting stopped because the connection cap was reached.
-    AcceptPauses => "accept_pauses",
-    /// Total milliseconds spent not accepting because of the cap.
-    AcceptPausedMs => "accept_paused_ms",
+    AcceptPauses => "accept_pauses", counter,
+    /// Time spent not accepting because of the cap (STATS: milliseconds; metrics: seconds).
+    AcceptPausedMs => "accept_paused_ms", counter "accept_paused_seconds" / 1000,
     /// accept() failures for lack of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
-    EmfileEvents => "emfile_events",
+    EmfileEvents => "emfile_events", counter,
     /// The connection cap in force (sum over workers).
-    MaxConnections => "max_connections",
+    MaxConnections => "max_connections", gauge,
     /// The process's RLIMIT_NOFILE soft limit: raised at start-up, re-read when accept fails
     /// (an operator may change it under a running process with `prlimit --pid`).
-    FdLimit => "fd_limit",
+    FdLimit => "fd_limit", gauge,
     /// The memory budget for partial frames and pending replies, in bytes (0 = none).
-    MaxBuffered => "max_buffered",
+    MaxBuffered => "max_buffered", gauge "max_buffered_bytes",
     /// Event-loop threads.
-    Workers => "workers",
+    Workers => "workers", gauge,
 }
+
+/// Upper bounds of the FIN-to-close histogram's buckets, in nanoseconds (10 µs to 300 s,
+/// 1-5-10 steps). The reference closes within microseconds; a flush to a slow half-closed
+/// peer is bounded by the idle timeout (300 s by default) as a write stall; beyond that is
+/// the leak this project exists to show (the leaky variant only closes at shutdown).
+pub const FIN_TO_CLOSE_BOUNDS_NS: [u64; 15] = [
+    10_000,
+    50_000,
+    100_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+    500_000_000,
+    1_000_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    60_000_000_000,
+    300_000_000_000,
+];
 
 /// The process-wide counters. Cheap to update from the loop, safe to read from anywhere;
 /// only the server updates them (a service, a handle and a test read them).
 #[derive(Debug, Default)]
 pub struct Stats {
     values: [AtomicU64; Counter::ALL.len()],
+    fin_to_close: Histogram,
+}
+
+/// Lock-free histogram: one atomic per bucket (the last one is `+Inf`), plus the sum.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; FIN_TO_CLOSE_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// A copy of the FIN-to-close histogram, see [`Stats::fin_to_close`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket (not cumulative): `counts[i]` had a time at most
+    /// [`FIN_TO_CLOSE_BOUNDS_NS`]`[i]` and above the bound before it; the last is the rest.
+    pub counts: [u64; FIN_TO_CLOSE_BOUNDS_NS.len() + 1],
+    /// Sum of every observed time, in nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl HistogramSnapshot {
+    /// Observations in all.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
 }
 
 impl Stats {
@@ -109,6 +217,26 @@ impl Stats {
     /// Set `counter` to `n` (used for configuration values such as the cap).
     pub(crate) fn set(&self, counter: Counter, n: u64) {
         self.values[counter as usize].store(n, Ordering::Relaxed);
+    }
+
+    /// Record one connection's FIN-to-close time: from the read that returned 0 (the peer's
+    /// FIN) to `close()` of its socket. Two relaxed atomic adds, so every worker can call it.
+    pub(crate) fn observe_fin_to_close(&self, elapsed: Duration) {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        // The first bound >= ns: Prometheus buckets count values less than or equal to `le`.
+        let bucket = FIN_TO_CLOSE_BOUNDS_NS.partition_point(|&bound| bound < ns);
+        let h = &self.fin_to_close;
+        h.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        h.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The FIN-to-close histogram as it is now.
+    pub fn fin_to_close(&self) -> HistogramSnapshot {
+        let h = &self.fin_to_close;
+        HistogramSnapshot {
+            counts: std::array::from_fn(|i| h.buckets[i].load(Ordering::Relaxed)),
+            sum_ns: h.sum_ns.load(Ordering::Relaxed),
+        }
     }
 
     /// Append the STATS text: one `name value` line per counter.
@@ -167,6 +295,44 @@ mod tests {
                 "missing {required:?} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn fin_to_close_counts_each_time_in_the_first_bucket_whose_bound_it_does_not_exceed() {
+        let stats = Stats::default();
+        stats.observe_fin_to_close(Duration::from_micros(3));
+        stats.observe_fin_to_close(Duration::from_micros(10)); // on the bound: le="1e-05"
+        stats.observe_fin_to_close(Duration::from_micros(11));
+        stats.observe_fin_to_close(Duration::from_secs(3600)); // past the last bound: +Inf
+        let h = stats.fin_to_close();
+        assert_eq!(h.counts[0], 2, "{h:?}");
+        assert_eq!(h.counts[1], 1, "{h:?}");
+        assert_eq!(h.counts[FIN_TO_CLOSE_BOUNDS_NS.len()], 1, "{h:?}");
+        assert_eq!(h.count(), 4);
+        assert_eq!(h.sum_ns, 24_000 + 3600 * 1_000_000_000);
+    }
+
+    #[test]
+    fn every_counter_has_help_and_a_prometheus_name_in_base_units() {
+        for &counter in Counter::ALL {
+            let name = counter.metric_name();
+            assert!(
+                name.starts_with("closewait_") && !name.ends_with("_total"),
+                "{name}"
+            );
+            assert!(!counter.help().is_empty(), "{name} has no help");
+            assert!(
+                !name.ends_with("_ms"),
+                "{name}: export seconds, not milliseconds"
+            );
+        }
+        assert_eq!(
+            Counter::AcceptPausedMs.metric_name(),
+            "closewait_accept_paused_seconds"
+        );
+        assert_eq!(Counter::AcceptPausedMs.divisor(), 1000);
+        assert_eq!(Counter::Active.kind(), Kind::Gauge);
+        assert_eq!(Counter::ClosedEof.kind(), Kind::Counter);
     }
 
     #[test]

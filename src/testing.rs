@@ -20,7 +20,11 @@
 //! Every helper panics with a message saying what it expected and saw, as test code should,
 //! and every wait is bounded by [`WAIT`].
 
-pub mod procfs;
+/// A process's open fds and its TCP sockets by state, from Linux `/proc`: how a CLOSE_WAIT
+/// leak is seen from outside a process (what `lsof` and `ss -tan state close-wait` show).
+pub mod procfs {
+    pub use crate::procfs::*;
+}
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};

@@ -396,7 +396,13 @@ fn diagnose_commands_run_against_a_leaky_server() {
         "cargo run --release -p loadtest -- watch",
         "no cargo inside cargo test; .ci/docs-commands runs it as written against a live server",
     );
+    ledger.not_run(
+        "cargo run --release -p loadtest -- probe",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written against a leaky \
+         server, and loadtest/tests/probe.rs runs the probe against four servers",
+    );
     let server = Server::start(&["--leaky"]);
+    let baseline = server.fds();
     let (pid, port) = (server.pid().to_string(), server.addr.port().to_string());
     let env = [("PID", pid.clone()), ("PORT", port.clone())];
     let localize = |c: &str| {
@@ -415,6 +421,10 @@ fn diagnose_commands_run_against_a_leaky_server() {
         if !no_match {
             assert_ok(&ran, &command);
         }
+        // Section 5: the five peers reset after their FIN left CLOSE_WAIT, fds still held.
+        if command == "lsof -p $PID | grep -c 'protocol: TCP'" {
+            assert_eq!(ran.stdout.trim(), "5", "{}", ran.stdout);
+        }
         if command.starts_with("lsof -p $PID -a -i TCP") {
             assert_eq!(
                 ran.stdout.matches("(CLOSE_WAIT)").count(),
@@ -425,8 +435,10 @@ fn diagnose_commands_run_against_a_leaky_server() {
         }
     }
     ledger.finish();
-    // The doc's `peers.py $PORT 5` ran exactly once: five leaked sockets, as shown.
+    // The doc's `peers.py $PORT 5` ran exactly once: five leaked sockets in CLOSE_WAIT, as
+    // shown; `fin-then-rst.py $PORT 5` leaked five more that no TCP table lists.
     assert_eq!(server.close_wait(), 5);
+    assert_eq!(server.fds(), baseline + 10, "ten leaked fds");
 }
 
 #[test]
@@ -564,6 +576,74 @@ fn template_rust_blocks_are_the_code_they_quote() {
     );
 }
 
+/// The scrape docs/operations.md shows: the same commands against a live server give the same
+/// series, in the same order, and the same counts for the nine peers.
+#[test]
+fn operations_scrape_shows_what_a_live_server_exports() {
+    let doc = read_doc("docs/operations.md");
+    let shown = blocks(&doc)
+        .into_iter()
+        .find(|b| b.lang == "text" && b.text.contains("$ curl -s http://127.0.0.1:9464/metrics"))
+        .expect("the scrape block in docs/operations.md")
+        .text;
+    let mut lines = shown.lines();
+    assert_eq!(
+        lines.next(),
+        Some("$ closewait --listen 127.0.0.1:7878 --metrics 127.0.0.1:9464 &")
+    );
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    assert_eq!(
+        (lines.next(), lines.next()),
+        (
+            Some("listening on 127.0.0.1:7878"),
+            Some("metrics on 127.0.0.1:9464")
+        )
+    );
+    let port = server.addr.port().to_string();
+    let metrics_port = server.metrics.unwrap().port().to_string();
+    let peers = lines.next().unwrap().strip_prefix("$ ").unwrap();
+    let ran = bash(&peers.replace("7878", &port), &[]);
+    assert_ok(&ran, peers);
+    assert_eq!(Some(ran.stdout.trim_end()), lines.next());
+    let curl = lines.next().unwrap().strip_prefix("$ ").unwrap();
+    let ran = bash(&curl.replace("9464", &metrics_port), &[]);
+    assert_ok(&ran, curl);
+
+    let series = |text: &str| -> Vec<(String, String)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("$ "))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    };
+    let doc_series = series(&lines.collect::<Vec<_>>().join("\n"));
+    let live = series(&ran.stdout);
+    let names = |s: &[(String, String)]| s.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&live), names(&doc_series), "{}", ran.stdout);
+    for name in [
+        "closewait_active",
+        "closewait_accepted_total",
+        "closewait_closed_eof_total",
+        "closewait_requests_total",
+        "closewait_fin_to_close_seconds_count",
+        "closewait_close_wait_sockets",
+    ] {
+        let value = |s: &[(String, String)]| s.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        assert_eq!(value(&live), value(&doc_series), "{name}");
+    }
+    assert_eq!(
+        shown.matches("\n# TYPE").count(),
+        ran.stdout.matches("# TYPE").count()
+    );
+}
+
+#[test]
+fn operations_alert_rule_commands_pass() {
+    let rules = block_after(&read_doc("docs/operations.md"), "## What to alert on", "sh");
+    let ran = bash(&rules, &[]);
+    assert_ok(&ran, &rules);
+}
+
 #[test]
 fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
     // These install files, start services or bind fixed ports; they were run by hand on
@@ -577,6 +657,16 @@ fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
         "target/release/closewait --listen 127.0.0.1:7881",
         "fixed ports 7878 and 7881-7883 and HAProxy; run by hand as the doc describes",
     );
+    // Run by operations_scrape_shows_what_a_live_server_exports (on ports the OS picks) and
+    // operations_alert_rule_commands_pass.
+    for prefix in [
+        "closewait --listen 127.0.0.1:7878 --metrics",
+        "python3 docs/scripts/peers.py 7878 9",
+        "curl -s http://127.0.0.1:9464/metrics",
+        "promtool check rules",
+    ] {
+        ops.take(prefix);
+    }
     ops.finish();
     let mut template = Ledger::new("docs/template.md");
     template.not_run(
@@ -594,6 +684,17 @@ fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
          tests/example_resp.rs runs the same clients in-process",
     );
     template.finish();
+    let mut stacks = Ledger::new("docs/other-stacks/README.md");
+    stacks.not_run(
+        "cargo run --release -p loadtest -- probe",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written against both Python \
+         servers, and loadtest/tests/probe.rs checks the counts the doc shows",
+    );
+    stacks.not_run(
+        "python3 docs/other-stacks/python/",
+        "servers that run until stopped; .ci/docs-commands and loadtest/tests/probe.rs start them",
+    );
+    stacks.finish();
     Ledger::new("docs/architecture.md").finish();
 }
 

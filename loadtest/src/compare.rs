@@ -546,9 +546,11 @@ fn report_markdown(
     let emfile = match leaky.first_emfile_s {
         Some(t) => format!(
             "The leaky variant first failed to accept after **{t} s**: its log says `{EMFILE_TEXT}` \
-             (see `leaky.log`). From then on new clients could not be served: {} connects and {} \
-             requests failed.",
-            leaky.connect_failed, leaky.failed
+             (see `leaky.log`). From then on new clients could not be served: {} requests failed. \
+             Connects did not fail ({} failed): the kernel completes a client's handshake and \
+             queues the connection in the listen backlog whether or not the server can `accept` \
+             it, so the client's `connect` succeeds and its first request times out instead.",
+            leaky.failed, leaky.connect_failed
         ),
         None => format!(
             "The leaky variant did not reach its fd limit within {} s (peak {} of {} fds); a longer \

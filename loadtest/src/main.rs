@@ -1,9 +1,11 @@
 //! `loadtest`: run closewait beside its leaky variant (and a tokio baseline) and show the
-//! difference. Subcommands live in their own modules; this file only dispatches.
+//! difference, and probe any server for the same leak. Subcommands live in their own
+//! modules; this file only dispatches.
 
 mod baseline;
 mod bench;
 mod compare;
+mod probe;
 mod serve;
 mod watch;
 
@@ -24,6 +26,9 @@ enum Command {
     Compare(compare::Args),
     /// Print a process's fd count, CLOSE_WAIT sockets and fd limit once per interval.
     Watch(watch::Args),
+    /// Test any server on this machine for the CLOSE_WAIT leak: end connections the ways
+    /// peers do (FIN, half-close, RST, mid-reply) and see whether it releases its sockets.
+    Probe(probe::Args),
     /// Benchmark closewait against the tokio baseline server.
     Bench(bench::Args),
     /// Serve the wire protocol the idiomatic tokio way (the benchmark's baseline).
@@ -37,6 +42,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Compare(args) => compare::run(args),
         Command::Watch(args) => watch::run(args),
+        Command::Probe(args) => probe::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BaselineServer(args) => baseline::run(args),
         Command::Serve(args) => serve::run(args),

@@ -201,6 +201,8 @@ proptest! {
         let mut service = Recorder::default();
         let stats = Stats::default();
         let mut warn = Throttle::default();
+        // The loop's FIN clock, with room for this connection: its memory is the loop's.
+        let mut fins = std::collections::HashMap::with_capacity(1);
         let mut io = Io {
             input: &mut input,
             output: &mut output,
@@ -212,6 +214,8 @@ proptest! {
             max_pending_output: 1 << 20,
             eof_policy: EofPolicy::Close,
             linger: true,
+            fins: &mut fins,
+            token: mio::Token(0),
         };
 
         // Net heap the connection allocated over all its reads: what it holds now.

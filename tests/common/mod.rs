@@ -4,8 +4,11 @@
 //! `closewait` binary (fd limits, signals, the leaky variant), which the kit does not.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod fleet;
+
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,8 @@ pub use closewait::service::{ECHO, ECHO_REPLY, ERROR, PING, PING_REPLY, STATS, S
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The Prometheus endpoint, from the `metrics on IP:PORT` line (with `--metrics`).
+    pub metrics: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
     log_reader: Option<thread::JoinHandle<()>>,
 }
@@ -40,27 +45,42 @@ impl Server {
         Server::spawn_program(program.as_os_str(), None, args)
     }
 
+    /// Start `closewait --listen ADDR ARGS...` (to come back on the port it had).
+    pub fn start_on(addr: SocketAddr, args: &[&str]) -> Server {
+        let cmd = command(env!("CARGO_BIN_EXE_closewait"));
+        Server::spawn_command(cmd, &addr.to_string(), args)
+    }
+
+    /// Start closewait as systemd's socket activation does: `listener` is its fd 3, with
+    /// `LISTEN_FDS=1`, `LISTEN_PID` its pid, and `env` besides.
+    pub fn start_activated(listener: &TcpListener, env: &[(&str, &str)], args: &[&str]) -> Server {
+        let fd = listener.try_clone().expect("dup listener").into();
+        Server::spawn_command(activated_command(fd, env), "127.0.0.1:0", args)
+    }
+
     fn spawn(nofile: Option<u64>, args: &[&str]) -> Server {
         Server::spawn_program(env!("CARGO_BIN_EXE_closewait").as_ref(), nofile, args)
     }
 
     fn spawn_program(bin: &std::ffi::OsStr, nofile: Option<u64>, args: &[&str]) -> Server {
-        let mut cmd = match nofile {
+        let cmd = match nofile {
             Some(n) => {
-                let mut cmd = Command::new("prlimit");
+                let mut cmd = command("prlimit");
                 cmd.arg(format!("--nofile={n}:{n}")).arg(bin);
                 cmd
             }
-            None => Command::new(bin),
+            None => command(bin),
         };
-        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        Server::spawn_command(cmd, "127.0.0.1:0", args)
+    }
+
+    fn spawn_command(mut cmd: Command, listen: &str, args: &[&str]) -> Server {
+        cmd.args(["--listen", listen]).args(args);
         cmd.env(
             "RUST_LOG",
             std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn closewait");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
@@ -78,26 +98,35 @@ impl Server {
         thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let _ = tx.send(lines.next());
+            let _ = tx.send(lines.next());
             // Keep reading so the server never blocks on a full stdout pipe.
             for _ in lines {}
         });
-        let line = match rx.recv_timeout(WAIT) {
+        let mut next_line = |what: &str| match rx.recv_timeout(WAIT) {
             Ok(Some(Ok(line))) => line,
             other => {
                 let _ = child.kill();
                 panic!(
-                    "no 'listening on' line from closewait: {other:?}; log: {:?}",
+                    "no '{what}' line from closewait: {other:?}; log: {:?}",
                     log.lock().unwrap()
                 );
             }
         };
+        let line = next_line("listening on");
         let addr = line
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
+        let metrics = args.contains(&"--metrics").then(|| {
+            let line = next_line("metrics on");
+            line.strip_prefix("metrics on ")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected second stdout line {line:?}"))
+        });
         Server {
             child,
             addr,
+            metrics,
             log,
             log_reader: Some(log_reader),
         }
@@ -245,6 +274,64 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A command for `program` with stdin from /dev/null that, whatever ran the tests, talks to
+/// no service manager unless the test says so.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for var in [
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// closewait (arguments to follow) started as systemd's socket activation starts it: `fd`
+/// as fd 3, `LISTEN_FDS=1`, `LISTEN_PID` its pid, and `env` besides.
+pub fn activated_command(fd: OwnedFd, env: &[(&str, &str)]) -> Command {
+    activated_command_via(&[], fd, env)
+}
+
+/// [`activated_command`] through `wrapper` (a program that takes the socket the same way and
+/// runs closewait with it, such as `systemd-socket-activate`).
+pub fn activated_command_via(wrapper: &[&str], fd: OwnedFd, env: &[(&str, &str)]) -> Command {
+    // The shell moves the socket from stdin to fd 3 and knows the pid that exec keeps: what
+    // systemd does between fork and exec, without unsafe pre_exec code in a test.
+    let mut cmd = command("sh");
+    cmd.args([
+        "-c",
+        r#"export LISTEN_PID=$$; exec "$0" "$@" 3<&0 </dev/null"#,
+    ])
+    .args(wrapper)
+    .arg(env!("CARGO_BIN_EXE_closewait"));
+    cmd.stdin(Stdio::from(fd))
+        .env("LISTEN_FDS", "1")
+        .envs(env.iter().copied());
+    cmd
+}
+
+/// A directory of its own for one test, removed when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("closewait-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -151,10 +151,39 @@ pub fn table(summaries: &[Summary]) -> String {
     out
 }
 
-/// One line of the chart: which variant, its legend, the value plotted, its colour.
-type Series = (&'static str, &'static str, fn(&Sample) -> usize, RGBColor);
+/// One line of the chart: which variant, its legend, the value plotted, its colour, its width.
+type Series = (
+    &'static str,
+    &'static str,
+    fn(&Sample) -> usize,
+    RGBColor,
+    u32,
+);
 
-/// Draw fd counts and CLOSE_WAIT counts of both variants over time, with the fd limit.
+/// Colours of the chart: the leak in warm colours, the fix in cool ones.
+const LEAKY_FDS: RGBColor = RGBColor(200, 30, 30);
+const LEAKY_CLOSE_WAIT: RGBColor = RGBColor(240, 150, 40);
+const CORRECT_FDS: RGBColor = RGBColor(30, 80, 200);
+const CORRECT_CLOSE_WAIT: RGBColor = RGBColor(20, 160, 80);
+const EMFILE_MARK: RGBColor = RGBColor(120, 0, 0);
+
+/// Room below 0 on the y axis, as a share of its height: a series at 0 (the correct
+/// server's CLOSE_WAIT) would otherwise be drawn on the x axis and hidden by it.
+const BELOW_ZERO: f64 = 0.04;
+
+/// A legend sample that looks like the dashed line it stands for: two short dashes.
+fn dashed_sample<'a, DB: DrawingBackend + 'a>(
+    x: i32,
+    y: i32,
+    color: RGBColor,
+) -> impl IntoDynElement<'a, DB, (i32, i32)> {
+    EmptyElement::at((x, y))
+        + PathElement::new(vec![(0, 0), (8, 0)], color.stroke_width(2))
+        + PathElement::new(vec![(12, 0), (20, 0)], color.stroke_width(2))
+}
+
+/// Draw fd counts and CLOSE_WAIT counts of both variants over time, with the fd limit and
+/// the leaky variant's first `Too many open files`.
 pub fn draw_svg(path: &Path, samples: &[Sample], nofile: u64) -> io::Result<()> {
     draw(path, samples, nofile)
         .map_err(|e| io::Error::other(format!("drawing {}: {e}", path.display())))
@@ -162,71 +191,121 @@ pub fn draw_svg(path: &Path, samples: &[Sample], nofile: u64) -> io::Result<()> 
 
 fn draw(path: &Path, samples: &[Sample], nofile: u64) -> Result<(), Box<dyn std::error::Error>> {
     let t_max = samples.iter().map(|s| s.t).max().unwrap_or(1).max(1) as f64;
-    let y_max = nofile as f64 * 1.15;
-    let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
+    let y_max = nofile as f64 * 1.2;
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("Open fds and CLOSE_WAIT sockets under RLIMIT_NOFILE={nofile}"),
-            ("sans-serif", 22),
+            format!(
+                "closewait and its leaky variant under the same load, each with RLIMIT_NOFILE={nofile}"
+            ),
+            ("sans-serif", 20),
         )
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0f64..t_max, 0f64..y_max)?;
+        .build_cartesian_2d(0f64..t_max, -y_max * BELOW_ZERO..y_max)?;
     chart
         .configure_mesh()
         .x_desc("seconds since the load started")
-        .y_desc("count")
-        // Seconds and counts are whole numbers; plotters would print "1000.0".
+        .y_desc("open fds / sockets in CLOSE_WAIT")
+        // Seconds and counts are whole numbers; plotters would print "1000.0". No labels
+        // below 0: that room only keeps the 0 line off the axis.
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_label_formatter(&|y| {
+            if *y < 0.0 {
+                String::new()
+            } else {
+                format!("{y:.0}")
+            }
+        })
+        .light_line_style(WHITE.mix(0.0))
         .draw()?;
     let series: [Series; 4] = [
-        ("leaky", "leaky: open fds", |s| s.fds, RGBColor(200, 30, 30)),
         (
             "leaky",
-            "leaky: CLOSE_WAIT sockets",
-            |s| s.close_wait,
-            RGBColor(240, 150, 40),
-        ),
-        (
-            "correct",
-            "correct: open fds",
+            "leaky variant (ignores the peer's FIN): open fds",
             |s| s.fds,
-            RGBColor(30, 80, 200),
+            LEAKY_FDS,
+            3,
+        ),
+        (
+            "leaky",
+            "leaky variant: sockets in CLOSE_WAIT (peer gone, never closed)",
+            |s| s.close_wait,
+            LEAKY_CLOSE_WAIT,
+            2,
         ),
         (
             "correct",
-            "correct: CLOSE_WAIT sockets",
+            "closewait: open fds (its own + the clients connected now)",
+            |s| s.fds,
+            CORRECT_FDS,
+            3,
+        ),
+        (
+            "correct",
+            "closewait: sockets in CLOSE_WAIT",
             |s| s.close_wait,
-            RGBColor(40, 170, 90),
+            CORRECT_CLOSE_WAIT,
+            3,
         ),
     ];
-    for (variant, label, value, color) in series {
+    for (variant, label, value, color, width) in series {
         let points: Vec<(f64, f64)> = samples
             .iter()
             .filter(|s| s.variant == variant)
             .map(|s| (s.t as f64, value(s) as f64))
             .collect();
         chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .draw_series(LineSeries::new(points, color.stroke_width(width)))?
             .label(label)
             .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width))
             });
     }
+    // Dashed and drawn last, so where the leaky fds line reaches the limit and stays on it,
+    // both stay visible: red under black dashes.
+    let limit = nofile as f64;
     chart
-        .draw_series(LineSeries::new(
-            vec![(0.0, nofile as f64), (t_max, nofile as f64)],
-            BLACK.stroke_width(1),
+        .draw_series(DashedLineSeries::new(
+            vec![(0.0, limit), (t_max, limit)],
+            8,
+            6,
+            BLACK.stroke_width(2),
         ))?
-        .label(format!("RLIMIT_NOFILE = {nofile}"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        .label(format!(
+            "fd limit (RLIMIT_NOFILE = {nofile}): accept fails here"
+        ))
+        .legend(|(x, y)| dashed_sample(x, y, BLACK));
+    let first_emfile = samples
+        .iter()
+        .find(|s| s.variant == "leaky" && s.accept_failing)
+        .map(|s| s.t as f64);
+    if let Some(t) = first_emfile {
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(t, 0.0), (t, y_max)],
+                4,
+                4,
+                EMFILE_MARK.stroke_width(2),
+            ))?
+            .label(format!(
+                "leaky variant logs 'Too many open files' ({t:.0} s): new clients wait forever"
+            ))
+            .legend(|(x, y)| dashed_sample(x, y, EMFILE_MARK));
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{t:.0} s: accept fails (EMFILE)"),
+            // Just right of the mark, above the limit line.
+            (t + t_max * 0.01, y_max * 0.96),
+            ("sans-serif", 15).into_font().color(&EMFILE_MARK),
+        )))?;
+    }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
+        .position(SeriesLabelPosition::MiddleRight)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()?;
     root.present()?;
