@@ -134,8 +134,9 @@ impl ServerArgs {
 }
 
 /// What the binary does once it has a bound server (or a reason it has none): print
-/// `listening on IP:PORT` to stdout (and `metrics on IP:PORT` after it with `--metrics`), serve until SIGINT/SIGTERM, map the outcome to an exit
-/// code. A service built on closewait calls this with its own `Server::with_service(..)`.
+/// `listening on IP:PORT` to stdout (and `metrics on IP:PORT` after it with `--metrics`),
+/// serve until SIGINT/SIGTERM, map the outcome to an exit code. A service built on closewait
+/// calls this with its own `Server::with_service(..)`.
 pub fn serve<S: Service + 'static>(server: std::io::Result<Server<S>>) -> ExitCode {
     // Call init_logging before building the server to see its start-up lines too; this one
     // makes sure a failed start is never silent.
