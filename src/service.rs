@@ -205,6 +205,23 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_error_is_the_same_frame_but_not_reported_for_the_log() {
+        let mut out = Vec::new();
+        let mut reply = Reply::<LengthPrefixed>::new(&mut out);
+        reply.answer_error("no such key");
+        assert_eq!(reply.take_errors(), None);
+        reply.error("bad op");
+        assert_eq!(reply.take_errors(), Some((1, "bad op".to_string())));
+        assert!(!reply.wants_close());
+        reply.close();
+        assert!(reply.wants_close());
+        assert_eq!(
+            out,
+            b"\x00\x00\x00\x0c\xffno such key\x00\x00\x00\x07\xffbad op"
+        );
+    }
+
+    #[test]
     fn unknown_op_is_an_error_frame_naming_the_op() {
         let (out, errors) = call(b"\x7fxyz");
         assert_eq!(out[4], ERROR);

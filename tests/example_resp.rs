@@ -161,3 +161,29 @@ fn redis_benchmark_pipelined_completes_and_leaves_nothing_open() {
         own_fds()
     );
 }
+
+/// QUIT pipelined with more commands: the server answers QUIT, answers nothing after it,
+/// and closes (counted as `closed_service`).
+#[test]
+fn quit_ends_the_connection_after_its_reply_and_nothing_behind_it_is_answered() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let server = start();
+    let mut client = std::net::TcpStream::connect(server.addr()).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client
+        .write_all(b"SET k 1\r\nQUIT\r\nSET k 2\r\nPING\r\n")
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut client, &mut text).expect("EOF after QUIT");
+    assert_eq!(text, "+OK\r\n+OK\r\n");
+    drop(client);
+    let stats = server.handle().stats();
+    use closewait::stats::Counter;
+    assert!(wait_until(WAIT, || stats.get(Counter::Active) == 0));
+    assert_eq!(stats.get(Counter::ClosedService), 1);
+    assert_eq!(
+        cli(&server, &["GET", "k"]),
+        "1",
+        "the SET after QUIT did not run"
+    );
+}
