@@ -188,8 +188,9 @@ fn the_reference_server_shows_no_close_wait_and_times_each_fin_to_close() {
     let mut client = server.connect();
     client.ping();
     client.half_close();
-    let body = wait_for(&server, "closewait_closed_eof_total", 1.0);
-    assert_eq!(value(&body, "closewait_fin_to_close_seconds_count"), 1.0);
+    // Observed after close(2), a moment after the close is counted: wait for the observation.
+    let body = wait_for(&server, "closewait_fin_to_close_seconds_count", 1.0);
+    assert_eq!(value(&body, "closewait_closed_eof_total"), 1.0);
     assert_eq!(
         value(&body, "closewait_fin_to_close_seconds_bucket{le=\"+Inf\"}"),
         1.0
