@@ -522,6 +522,44 @@ mod tests {
         assert_eq!(args, [&b"SET"[..], b"k", b"value"]);
     }
 
+    /// Decode `stream` as a connection would when reads split it at `cuts`: keep the
+    /// unfinished tail, append the next read, decode every whole request. The arguments of
+    /// each request, and whether the stream was refused.
+    fn feed(stream: &[u8], cuts: &[usize]) -> (Vec<Vec<Vec<u8>>>, bool) {
+        let (mut pending, mut requests, mut from) = (Vec::new(), Vec::new(), 0);
+        for &to in cuts.iter().chain([stream.len()].iter()) {
+            pending.extend_from_slice(&stream[from..to]);
+            from = to;
+            let mut at = 0;
+            loop {
+                match Resp.decode(&pending[at..], 1 << 20) {
+                    Decoded::Request { request, used } => {
+                        requests.push(request.args().map(<[u8]>::to_vec).collect());
+                        at += used;
+                    }
+                    Decoded::Incomplete { .. } => break,
+                    Decoded::Invalid(_) => return (requests, true),
+                }
+            }
+            pending.drain(..at);
+        }
+        (requests, false)
+    }
+
+    #[test]
+    fn every_split_of_a_pipelined_stream_decodes_like_the_stream_in_one_piece() {
+        let stream: &[u8] = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\nv\r\nw\r\n\
+            PING\r\n\r\n*0\r\necho  a b\n*2\r\n$4\r\nECHO\r\n$0\r\n\r\n*1\r\n+x";
+        let whole = feed(stream, &[]);
+        assert_eq!(whole.0.len(), 6, "{whole:?}");
+        assert!(whole.1, "the stream ends with garbage");
+        for a in 0..=stream.len() {
+            for b in a..=stream.len() {
+                assert_eq!(feed(stream, &[a, b]), whole, "splits at {a}, {b}");
+            }
+        }
+    }
+
     #[test]
     fn a_bulk_length_over_the_limit_is_refused_on_its_header() {
         assert!(matches!(
