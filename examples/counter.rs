@@ -53,8 +53,9 @@ pub struct Counter {
 
 impl Service for Counter {
     type Codec = LengthPrefixed;
+    type Session = ();
 
-    fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
+    fn call(&mut self, request: &[u8], _: &mut (), reply: &mut Reply<'_>, cx: &Context<'_>) {
         // The loop guarantees a whole frame body: never empty, at most --max-frame bytes.
         let (op, name) = (request[0], &request[1..]);
         match op {
@@ -70,7 +71,7 @@ impl Service for Counter {
             },
             GET => reply.send(GET_REPLY, &self.get(name).to_be_bytes()),
             // Keep the reference ops so the usual tools (health checks, STATS) still work.
-            PING | STATS => Reference.call(request, reply, cx),
+            PING | STATS => Reference.call(request, &mut (), reply, cx),
             _ => reply.error(format_args!("unknown op 0x{op:02x}")),
         }
     }

@@ -316,8 +316,15 @@ pub struct Redis {
 
 impl Service for Redis {
     type Codec = Resp;
+    type Session = ();
 
-    fn call(&mut self, command: Command<'_>, reply: &mut Reply<'_, Resp>, _: &Context<'_>) {
+    fn call(
+        &mut self,
+        command: Command<'_>,
+        _: &mut (),
+        reply: &mut Reply<'_, Resp>,
+        _: &Context<'_>,
+    ) {
         let mut args = command.args();
         let Some(name) = args.next() else {
             return; // an empty line or `*0`: Redis answers nothing

@@ -102,7 +102,7 @@ impl CloseReason {
     }
 
     /// Classify an I/O error from a read or write.
-    pub fn from_io(e: &io::Error) -> CloseReason {
+    pub(crate) fn from_io(e: &io::Error) -> CloseReason {
         match e.kind() {
             io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe
@@ -217,9 +217,10 @@ pub struct Io<'a, S: Service> {
     pub token: Token,
 }
 
-/// A client connection and its state.
+/// A client connection and its state, and the service's session for it (`T`; `()`, zero
+/// bytes, for a service that keeps none).
 #[derive(Debug)]
-pub struct Connection {
+pub struct Connection<T = ()> {
     stream: TcpStream,
     peer: SocketAddr,
     state: State,
@@ -237,11 +238,13 @@ pub struct Connection {
     progressed: bool,
     /// A new frame began and is unfinished since the loop last asked (frame timer input).
     frame_began: bool,
+    /// The service's state for this connection ([`Service::Session`]).
+    session: T,
 }
 
-impl Connection {
-    /// Wrap an accepted, registered socket.
-    pub fn new(stream: TcpStream, peer: SocketAddr) -> Connection {
+impl<T> Connection<T> {
+    /// Wrap an accepted, registered socket, with the session the service made for it.
+    pub fn new(stream: TcpStream, peer: SocketAddr, session: T) -> Connection<T> {
         Connection {
             stream,
             peer,
@@ -253,7 +256,13 @@ impl Connection {
             read_paused: false,
             progressed: false,
             frame_began: false,
+            session,
         }
+    }
+
+    /// Give the session back (the connection is closing: its socket closes with it).
+    pub fn into_session(self) -> T {
+        self.session
     }
 
     /// The peer's address.
@@ -306,7 +315,7 @@ impl Connection {
     }
 
     /// Handle a readiness event (or a retry after [`Step::Again`]).
-    pub fn on_event<S: Service>(
+    pub fn on_event<S: Service<Session = T>>(
         &mut self,
         io: &mut Io<'_, S>,
         readable: bool,
@@ -343,7 +352,7 @@ impl Connection {
     }
 
     /// Begin a graceful shutdown: answer what can be read now, then flush and close.
-    pub fn begin_shutdown<S: Service>(&mut self, io: &mut Io<'_, S>) -> Step {
+    pub fn begin_shutdown<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>) -> Step {
         match self.state {
             State::Leaked => return Step::Close(CloseReason::Shutdown),
             State::Draining(_) => return self.flush(io).unwrap_or(Step::Continue),
@@ -370,7 +379,7 @@ impl Connection {
 
     /// The frame timeout passed with a frame still unfinished: tell the peer, then close
     /// (lingering, since the rest of the frame may still be on its way).
-    pub fn on_frame_timeout<S: Service>(
+    pub fn on_frame_timeout<S: Service<Session = T>>(
         &mut self,
         io: &mut Io<'_, S>,
         timeout: std::time::Duration,
@@ -395,7 +404,7 @@ impl Connection {
     /// its memory back now. Replies the peer has not taken are dropped with an abortive close
     /// (a peer that does not read is why they piled up); a peer that only sent a partial frame
     /// gets an ERROR frame saying why, then a lingering close.
-    pub fn evict<S: Service>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
+    pub fn evict<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
         let held = self.buffered();
         if io.warn.allow() {
             log::warn!(
@@ -421,7 +430,7 @@ impl Connection {
     }
 
     /// Queue an ERROR frame, stop reading, and close once it is flushed.
-    fn close_with_error<S: Service>(
+    fn close_with_error<S: Service<Session = T>>(
         &mut self,
         io: &mut Io<'_, S>,
         why: Graceful,
@@ -433,7 +442,7 @@ impl Connection {
         self.flush(io).unwrap_or(Step::Continue)
     }
 
-    fn on_readable<S: Service>(&mut self, io: &mut Io<'_, S>) -> Step {
+    fn on_readable<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>) -> Step {
         if self.state != State::Open {
             // Draining reads nothing more, but a reset must still be noticed.
             return match self.stream.take_error() {
@@ -455,7 +464,11 @@ impl Connection {
     /// output bound, or `budget` reads. Edge-triggered readiness makes draining mandatory:
     /// stop early without remembering it and no event comes again — data and FIN left in the
     /// socket, the connection stuck in CLOSE_WAIT.
-    fn read_until_blocked<S: Service>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
+    fn read_until_blocked<S: Service<Session = T>>(
+        &mut self,
+        io: &mut Io<'_, S>,
+        budget: usize,
+    ) -> Step {
         self.read_paused = false;
         self.lend_output(io);
         let mut step = Step::Again;
@@ -535,7 +548,11 @@ impl Connection {
 
     /// Answer every whole request in the first `n` bytes of the input buffer; keep the
     /// unfinished tail in `partial`.
-    fn handle_input<S: Service>(&mut self, n: usize, io: &mut Io<'_, S>) -> Result<(), Stop> {
+    fn handle_input<S: Service<Session = T>>(
+        &mut self,
+        n: usize,
+        io: &mut Io<'_, S>,
+    ) -> Result<(), Stop> {
         let Io {
             input,
             service,
@@ -580,7 +597,7 @@ impl Connection {
                             if used > limit(max) {
                                 break 'input Err(too_large(used, max));
                             }
-                            service.call(request, &mut reply, &cx);
+                            service.call(request, &mut self.session, &mut reply, &cx);
                             requests += 1;
                             at += used;
                             if reply.wants_close() {
@@ -609,7 +626,7 @@ impl Connection {
                     // No size check here: a request parsed in place from the read buffer
                     // holds no memory of the connection's (the codec was told `max`).
                     Decoded::Request { request, used } => {
-                        service.call(request, &mut reply, &cx);
+                        service.call(request, &mut self.session, &mut reply, &cx);
                         requests += 1;
                         data = &data[used..];
                         if reply.wants_close() {
@@ -647,7 +664,7 @@ impl Connection {
 
     /// The stream cannot be resynchronised after an invalid request: tell the peer why, stop
     /// reading, and close once the error reply is flushed.
-    fn on_invalid_request<S: Service>(&mut self, message: String, io: &mut Io<'_, S>) {
+    fn on_invalid_request<S: Service<Session = T>>(&mut self, message: String, io: &mut Io<'_, S>) {
         if io.warn.allow() {
             log::warn!(
                 "{}: {message}; closing{}",
@@ -662,7 +679,7 @@ impl Connection {
     }
 
     /// Write what the socket takes; close if draining and done. `None` means keep going.
-    fn flush<S: Service>(&mut self, io: &mut Io<'_, S>) -> Option<Step> {
+    fn flush<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>) -> Option<Step> {
         if let Some(close) = self.write_pending() {
             return Some(close);
         }
@@ -681,7 +698,11 @@ impl Connection {
     }
 
     /// Every reply is flushed: close, or shut down writing and linger if input may be unread.
-    fn finish_writing<S: Service>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
+    fn finish_writing<S: Service<Session = T>>(
+        &mut self,
+        io: &mut Io<'_, S>,
+        why: Graceful,
+    ) -> Step {
         if why == Graceful::PeerEof || !io.linger {
             return Step::Close(why.reason());
         }
@@ -697,7 +718,7 @@ impl Connection {
 
     /// Read and throw away what the peer still sends, until its FIN (then close: nothing is
     /// left unread, so close sends no RST), an error, or [`LINGER_MAX_DISCARD`] bytes.
-    fn discard<S: Service>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
+    fn discard<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>, why: Graceful) -> Step {
         for _ in 0..READS_PER_TURN {
             match self.stream.read(io.input) {
                 Ok(0) => {
@@ -742,7 +763,7 @@ impl Connection {
     }
 
     /// Borrow the loop's output buffer if we hold none, so replies need no allocation.
-    fn lend_output<S: Service>(&mut self, io: &mut Io<'_, S>) {
+    fn lend_output<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>) {
         if self.pending.capacity() == 0 {
             std::mem::swap(&mut self.pending, io.output);
             self.sent = 0;
@@ -750,7 +771,7 @@ impl Connection {
     }
 
     /// All sent: give the buffer back (or drop it), so an idle connection owns none.
-    fn return_output<S: Service>(&mut self, io: &mut Io<'_, S>) {
+    fn return_output<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>) {
         self.pending.clear();
         self.sent = 0;
         if self.pending.capacity() > io.output.capacity() {
@@ -817,7 +838,10 @@ mod tests {
         let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, addr) = listener.accept().unwrap();
         accepted.set_nonblocking(true).unwrap();
-        (Connection::new(TcpStream::from_std(accepted), addr), peer)
+        (
+            Connection::new(TcpStream::from_std(accepted), addr, ()),
+            peer,
+        )
     }
 
     /// What the loop owns and lends to handlers through [`Io`].

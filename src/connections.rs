@@ -21,8 +21,8 @@ use crate::timers::DeadlineList;
 
 /// Connections by token. A token is the slab key, so lookup is an index.
 #[derive(Debug)]
-pub struct Registry {
-    slab: Slab<Connection>,
+pub struct Registry<T = ()> {
+    slab: Slab<Connection<T>>,
     /// Last byte in or out; open and draining connections.
     idle: Option<DeadlineList>,
     /// First byte of the unfinished frame; connections in the middle of a frame.
@@ -31,13 +31,13 @@ pub struct Registry {
     linger: Option<DeadlineList>,
 }
 
-impl Registry {
+impl<T> Registry<T> {
     /// An empty registry; a timeout of `None` keeps no deadlines of that kind.
     pub fn new(
         idle_timeout: Option<Duration>,
         frame_timeout: Option<Duration>,
         linger_timeout: Option<Duration>,
-    ) -> Registry {
+    ) -> Registry<T> {
         Registry {
             slab: Slab::new(),
             idle: idle_timeout.map(DeadlineList::new),
@@ -56,7 +56,7 @@ impl Registry {
         self.slab.is_empty()
     }
 
-    /// Register `stream` for reads and writes and store it.
+    /// Register `stream` for reads and writes and store it, with the session `open` makes.
     ///
     /// Both interests are registered once, for the connection's whole life: edge-triggered
     /// writable events come only after a write hit a full buffer, so this costs no wake-ups,
@@ -67,12 +67,15 @@ impl Registry {
         poll: &PollRegistry,
         mut stream: TcpStream,
         peer: SocketAddr,
+        open: impl FnOnce() -> T,
         now: Instant,
     ) -> io::Result<Token> {
         let entry = self.slab.vacant_entry();
         let token = Token(entry.key());
         poll.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
-        entry.insert(Connection::new(stream, peer));
+        // The session is made only once the socket is registered, so every session made is
+        // given back at its close.
+        entry.insert(Connection::new(stream, peer, open()));
         if let Some(idle) = &mut self.idle {
             idle.touch(token.0, now);
         }
@@ -80,7 +83,7 @@ impl Registry {
     }
 
     /// The connection for `token`, if it is still open (events for closed ones are stale).
-    pub fn get_mut(&mut self, token: Token) -> Option<&mut Connection> {
+    pub fn get_mut(&mut self, token: Token) -> Option<&mut Connection<T>> {
         self.slab.get_mut(token.0)
     }
 
@@ -157,7 +160,7 @@ impl Registry {
     /// Deregister, forget and close the connection. Returns it (already deregistered) so
     /// the caller can log about it; dropping it closes the fd. `None` if already removed,
     /// which makes closing idempotent.
-    pub fn remove(&mut self, poll: &PollRegistry, token: Token) -> Option<Connection> {
+    pub fn remove(&mut self, poll: &PollRegistry, token: Token) -> Option<Connection<T>> {
         let mut conn = self.slab.try_remove(token.0)?;
         for list in [&mut self.idle, &mut self.frame, &mut self.linger]
             .into_iter()

@@ -26,7 +26,7 @@ pub enum EofPolicy {
 /// The reference answers what is buffered, flushes and closes (else the socket stays in
 /// CLOSE_WAIT). The leaky variant returns without doing anything: under edge-triggered
 /// polling no event will ever come for this socket again.
-pub fn on_read_eof(policy: EofPolicy, conn: &mut Connection) -> Step {
+pub fn on_read_eof<T>(policy: EofPolicy, conn: &mut Connection<T>) -> Step {
     match policy {
         EofPolicy::Close => conn.drain_then_close(),
         EofPolicy::Leak => conn.ignore_eof(),

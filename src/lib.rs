@@ -27,7 +27,10 @@
 //!   ([`stats::Stats`], read-only: a service reads them, only the server writes them).
 //! - [`Service`], [`Context`] and [`Reply`]: what a request means and how it is answered,
 //!   including an error that is the peer's fault (logged) or an ordinary answer (not), and
-//!   closing after a reply (QUIT).
+//!   closing after a reply (QUIT); the service's state per connection
+//!   ([`Service::Session`], given back with its [`CloseReason`]).
+//! - [`stats::ServiceCounter`]: the service's own counters, in STATS and the metrics next
+//!   to the server's ([`Server::register`]).
 //! - [`Codec`] and [`Decoded`]: the wire format a service picks; [`LengthPrefixed`] (module
 //!   [`frame`]) is the default and the reference protocol's ([`service`] has its ops).
 //! - [`cli`]: the server flags and start-up of a service's own binary.
@@ -51,7 +54,8 @@
 //!
 //! To serve your own protocol, implement [`Service`] (and, for another wire format, a
 //! [`Codec`]) and start the server with [`Server::with_service`]; nothing else changes. See
-//! `docs/template.md`, `examples/counter.rs` (the default codec) and `examples/resp.rs` (the
+//! `docs/template.md`, `examples/counter.rs` (the default codec), `examples/auth.rs` (state
+//! per connection, the service's own counters) and `examples/resp.rs` (the
 //! Redis protocol, driven by the real `redis-cli` and `redis-benchmark` in its tests).
 //!
 //! # Layout
@@ -110,5 +114,6 @@ mod timers;
 
 pub use codec::{Codec, Decoded, LengthPrefixed};
 pub use config::{Config, WhenFull};
+pub use connection::CloseReason;
 pub use server::{Handle, Server};
 pub use service::{Context, Reply, Service};

@@ -418,6 +418,14 @@ fn encode_counters(stats: &Stats, encoder: &mut DescriptorEncoder) -> Result<(),
             )?,
         }
     }
+    // The service's own, named like the server's (`closewait_` + the STATS name).
+    for counter in stats.service_counters() {
+        let (name, help) = (format!("closewait_{}", counter.name()), counter.help());
+        match counter.kind() {
+            Kind::Counter => encode(encoder, &name, help, &ConstCounter::new(counter.get()))?,
+            Kind::Gauge => encode(encoder, &name, help, &ConstGauge::new(counter.get()))?,
+        }
+    }
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use crate::leak::{self, EofPolicy};
 use crate::limits::{self, AcceptError, AcceptGate, Transition};
 use crate::memory::{self, MemoryBudget};
 use crate::service::{Reference, Service};
-use crate::stats::{Counter, Stats};
+use crate::stats::{Counter, ServiceCounter, Stats};
 use crate::throttle::Throttle;
 use crate::{listener, metrics, systemd, Config, WhenFull};
 
@@ -299,6 +299,18 @@ impl<S: Service + 'static> Server<S> {
         self.metrics.as_ref().map(metrics::Exporter::local_addr)
     }
 
+    /// Show a counter of the service's own in STATS and the metrics, next to the server's
+    /// (make it with [`ServiceCounter::counter`], give clones to the services). Returns the
+    /// server, to chain after [`Server::with_service`].
+    ///
+    /// # Panics
+    ///
+    /// If its name is already taken (by the server's counters or another of the service's).
+    pub fn register(self, counter: &ServiceCounter) -> Self {
+        self.shared.stats.register(counter);
+        self
+    }
+
     /// A handle to stop the server or read its counters from another thread.
     pub fn handle(&self) -> Handle {
         Handle {
@@ -402,7 +414,7 @@ struct Worker<S: Service> {
     listener: Option<TcpListener>,
     listener_registered: bool,
     signals: Option<Signals>,
-    registry: Registry,
+    registry: Registry<S::Session>,
     gate: AcceptGate,
     cap: usize,
     accept_pending: bool,
@@ -582,7 +594,7 @@ impl<S: Service> Worker<S> {
         &mut self,
         token: Token,
         now: Instant,
-        f: impl FnOnce(&mut Connection, &mut Io<'_, S>) -> Step,
+        f: impl FnOnce(&mut Connection<S::Session>, &mut Io<'_, S>) -> Step,
     ) {
         self.drive_one(token, now, f);
         if self.memory.is_exceeded() {
@@ -595,7 +607,7 @@ impl<S: Service> Worker<S> {
         &mut self,
         token: Token,
         now: Instant,
-        f: impl FnOnce(&mut Connection, &mut Io<'_, S>) -> Step,
+        f: impl FnOnce(&mut Connection<S::Session>, &mut Io<'_, S>) -> Step,
     ) {
         let Some(conn) = self.registry.get_mut(token) else {
             return; // closed earlier: a stale event (mio #219), nothing to do
@@ -700,10 +712,13 @@ impl<S: Service> Worker<S> {
             } else {
                 log::debug!("{}: closed: {reason}", conn.peer());
             }
-            drop(conn); // close(2)
+            // close(2) here; the session goes back to the service after it, so nothing the
+            // service does in `close` can hold the socket open.
+            let session = conn.into_session();
             if let Some(at) = self.eof_at.remove(&token) {
                 stats.observe_fin_to_close(at.elapsed());
             }
+            self.service.close(session, reason);
         }
         // A freed fd raises no event: if accept was paused (cap or EMFILE), retry now.
         if !self.gate.is_open() && self.drain_deadline.is_none() {
@@ -792,9 +807,11 @@ impl<S: Service> Worker<S> {
                         self.reject(stream, peer);
                         continue;
                     }
+                    let service = &mut self.service;
+                    let open = || service.open(peer);
                     match self
                         .registry
-                        .insert(self.poll.registry(), stream, peer, now)
+                        .insert(self.poll.registry(), stream, peer, open, now)
                     {
                         Ok(_) => {
                             self.shared.stats.add(Counter::Active, 1);

@@ -13,6 +13,7 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 
 use crate::codec::{Codec, LengthPrefixed};
+use crate::connection::CloseReason;
 use crate::frame;
 use crate::stats::Stats;
 
@@ -50,15 +51,35 @@ pub trait Service {
     /// bodies, `&[u8]`), or a [`Codec`] of your own.
     type Codec: Codec;
 
+    /// What the service remembers about one connection (who authenticated, what it
+    /// subscribed to), made by [`open`](Service::open) and handed to every request of that
+    /// connection. `()` for a service that remembers nothing: a zero-sized session adds not
+    /// one byte to a connection. Keep it small, or boxed: every idle connection holds one.
+    type Session: Default;
+
+    /// A connection from `peer` was accepted: make its session (by default,
+    /// `Session::default()`).
+    fn open(&mut self, peer: SocketAddr) -> Self::Session {
+        let _ = peer;
+        Self::Session::default()
+    }
+
     /// Answer one request, in the connection's request order, by writing zero or more
     /// replies to `reply`. For [`LengthPrefixed`], `request` is a whole frame body: op byte
     /// first, never empty, at most `max_frame` bytes.
     fn call(
         &mut self,
         request: <Self::Codec as Codec>::Request<'_>,
+        session: &mut Self::Session,
         reply: &mut Reply<'_, Self::Codec>,
         cx: &Context<'_>,
     );
+
+    /// The connection ended, for `reason`: its session comes back for the service's own
+    /// cleanup and counters. Called once per opened session, after the socket is closed.
+    fn close(&mut self, session: Self::Session, reason: CloseReason) {
+        let _ = (session, reason);
+    }
 }
 
 /// Where a service writes its replies: appended to the connection's output, in request
@@ -157,8 +178,9 @@ pub struct Reference;
 
 impl Service for Reference {
     type Codec = LengthPrefixed;
+    type Session = ();
 
-    fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
+    fn call(&mut self, request: &[u8], _: &mut (), reply: &mut Reply<'_>, cx: &Context<'_>) {
         let (op, data) = (request[0], &request[1..]);
         match op {
             ECHO => reply.send(ECHO_REPLY, data),
@@ -181,7 +203,7 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut reply = Reply::<LengthPrefixed>::new(&mut out);
-        Reference.call(request, &mut reply, &cx);
+        Reference.call(request, &mut (), &mut reply, &cx);
         let errors = reply.take_errors();
         (out, errors)
     }

@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// How a counter is exported to Prometheus.
@@ -172,6 +173,95 @@ pub const FIN_TO_CLOSE_BOUNDS_NS: [u64; 15] = [
 pub struct Stats {
     values: [AtomicU64; Counter::ALL.len()],
     fin_to_close: Histogram,
+    /// The service's own counters ([`Stats::register`]), listed after the server's. The lock
+    /// is taken to register (at start-up) and to list (STATS, a scrape), never to count.
+    service: RwLock<Vec<ServiceCounter>>,
+}
+
+/// A counter (or gauge) of the service's own, shown in STATS and the metrics next to the
+/// server's: `logins 12` in STATS, `closewait_logins_total` in the Prometheus output.
+///
+/// Cheap to clone (one shared atomic): make it once, register it with
+/// [`Server::register`](crate::Server::register), and give a clone to each worker's service.
+/// Counting is one relaxed atomic add, like the server's own counters.
+#[derive(Clone, Debug)]
+pub struct ServiceCounter {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    value: Arc<AtomicU64>,
+}
+
+impl ServiceCounter {
+    /// A counter that only grows (exported with `_total`). `name` is lower-case ASCII
+    /// letters, digits and `_`, starting with a letter (it becomes part of a metric name).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not such a name: a programming error, caught at start-up.
+    pub fn counter(name: &'static str, help: &'static str) -> ServiceCounter {
+        ServiceCounter::new(name, help, Kind::Counter)
+    }
+
+    /// A gauge: a value that goes up and down (sessions open now, a queue's length).
+    ///
+    /// # Panics
+    ///
+    /// As [`ServiceCounter::counter`].
+    pub fn gauge(name: &'static str, help: &'static str) -> ServiceCounter {
+        ServiceCounter::new(name, help, Kind::Gauge)
+    }
+
+    fn new(name: &'static str, help: &'static str, kind: Kind) -> ServiceCounter {
+        let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        assert!(valid, "service counter name {name:?}: use [a-z][a-z0-9_]*");
+        ServiceCounter {
+            name,
+            help,
+            kind,
+            value: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Add `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Subtract `n` (a gauge).
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.value.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Set to `n` (a gauge).
+    pub fn set(&self, n: u64) {
+        self.value.store(n, Ordering::Relaxed);
+    }
+
+    /// The value now.
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+
+    /// The name in STATS.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The HELP text of its metric.
+    pub fn help(&self) -> &'static str {
+        self.help
+    }
+
+    /// Counter or gauge.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
 }
 
 /// Lock-free histogram: one atomic per bucket (the last one is `+Inf`), plus the sum.
@@ -239,11 +329,41 @@ impl Stats {
         }
     }
 
-    /// Append the STATS text: one `name value` line per counter.
+    /// Show `counter` in STATS and the metrics after the server's counters.
+    ///
+    /// # Panics
+    ///
+    /// If its name is already taken, by the server or by another service counter.
+    pub(crate) fn register(&self, counter: &ServiceCounter) {
+        let mut service = self.service.write().unwrap_or_else(|p| p.into_inner());
+        let taken = Counter::ALL.iter().any(|c| c.name() == counter.name)
+            || service.iter().any(|c| c.name == counter.name);
+        assert!(!taken, "service counter {:?}: name taken", counter.name);
+        service.push(counter.clone());
+    }
+
+    /// The service's registered counters, in registration order.
+    pub fn service_counters(&self) -> Vec<ServiceCounter> {
+        self.service
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Append the STATS text: one `name value` line per counter, the server's then the
+    /// service's.
     pub fn write_text(&self, out: &mut Vec<u8>) {
         let mut text = String::with_capacity(Counter::ALL.len() * 24);
         for &counter in Counter::ALL {
             let _ = writeln!(text, "{} {}", counter.name(), self.get(counter));
+        }
+        for counter in self
+            .service
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(text, "{} {}", counter.name, counter.get());
         }
         out.extend_from_slice(text.as_bytes());
     }
@@ -333,6 +453,19 @@ mod tests {
         assert_eq!(Counter::AcceptPausedMs.divisor(), 1000);
         assert_eq!(Counter::Active.kind(), Kind::Gauge);
         assert_eq!(Counter::ClosedEof.kind(), Kind::Counter);
+    }
+
+    #[test]
+    fn service_counters_follow_the_servers_in_stats() {
+        let stats = Stats::default();
+        let logins = ServiceCounter::counter("logins", "Logins accepted.");
+        stats.register(&logins);
+        logins.add(2);
+        let mut out = Vec::new();
+        stats.write_text(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().last(), Some("logins 2"), "{text}");
+        assert_eq!(text.lines().count(), Counter::ALL.len() + 1);
     }
 
     #[test]

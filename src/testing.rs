@@ -36,7 +36,7 @@ use crate::codec::{Codec, Decoded, LengthPrefixed};
 use crate::service::{Context, Reply, Service, ECHO, ECHO_REPLY, PING, PING_REPLY};
 use crate::service::{STATS, STATS_REPLY};
 use crate::stats::Stats;
-use crate::{frame, Config, Handle, Server};
+use crate::{frame, CloseReason, Config, Handle, Server};
 
 /// Longest any single wait of these helpers may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -80,6 +80,12 @@ impl TestServer {
         };
         let server = Server::with_service(config, make_service)
             .unwrap_or_else(|e| panic!("cannot start the server under test: {e}"));
+        TestServer::run(server)
+    }
+
+    /// Run a server already bound (say, with its own counters
+    /// [registered](Server::register)) on a thread of its own.
+    pub fn run<S: Service + 'static>(server: Server<S>) -> TestServer {
         let addr = server.local_addr();
         let handle = server.handle();
         let thread = thread::Builder::new()
@@ -172,13 +178,15 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// What a connection would send back for `input` (any number of requests, in any codec),
 /// without a socket: every whole request is decoded by the service's codec and answered in
 /// order; an invalid one gets the codec's error reply and ends the input, as on a
-/// connection. Bytes of an unfinished request at the end are ignored.
+/// connection. Bytes of an unfinished request at the end are ignored. The input is one
+/// connection: one session, opened first and closed (as [`CloseReason::PeerEof`]) after.
 pub fn respond<S: Service>(service: &mut S, input: &[u8]) -> Vec<u8> {
     let stats = Stats::default();
     let cx = Context {
         peer: SocketAddr::from(([127, 0, 0, 1], 9)),
         stats: &stats,
     };
+    let mut session = service.open(cx.peer);
     let mut codec = S::Codec::default();
     let mut out = Vec::new();
     let mut reply = Reply::new(&mut out);
@@ -186,7 +194,7 @@ pub fn respond<S: Service>(service: &mut S, input: &[u8]) -> Vec<u8> {
     loop {
         match codec.decode(rest, usize::MAX) {
             Decoded::Request { request, used } => {
-                service.call(request, &mut reply, &cx);
+                service.call(request, &mut session, &mut reply, &cx);
                 rest = &rest[used..];
                 if reply.wants_close() {
                     break;
@@ -200,6 +208,7 @@ pub fn respond<S: Service>(service: &mut S, input: &[u8]) -> Vec<u8> {
             }
         }
     }
+    service.close(session, CloseReason::PeerEof);
     out
 }
 

@@ -38,8 +38,9 @@ struct Echo;
 
 impl Service for Echo {
     type Codec = Lines;
+    type Session = ();
 
-    fn call(&mut self, line: &[u8], reply: &mut Reply<'_, Lines>, _: &Context<'_>) {
+    fn call(&mut self, line: &[u8], _: &mut (), reply: &mut Reply<'_, Lines>, _: &Context<'_>) {
         reply.append(|out| {
             out.push(b'+');
             out.extend_from_slice(line);

@@ -348,6 +348,29 @@ fn operations_stats_snippet_prints_every_counter() {
 }
 
 #[test]
+fn template_snippet_talks_to_the_auth_example() {
+    let auth = PathBuf::from(env!("CARGO_BIN_EXE_closewait"))
+        .parent()
+        .unwrap()
+        .join("examples/auth");
+    assert!(
+        auth.exists(),
+        "{} missing: run `cargo test` (it builds examples) or `cargo build --examples`",
+        auth.display()
+    );
+    let server = Started::line(&format!(
+        "{} --listen 127.0.0.1:0 --password hunter2",
+        auth.display()
+    ));
+    let template = read_doc("docs/template.md");
+    let snippet = block_after(&template, "### Your own counters", "python");
+    let ran = python(&snippet.replace("7878", &server.port.to_string()));
+    assert_ok(&ran, "template auth snippet");
+    let shown = block_after(&template, "### Your own counters", "text");
+    assert_eq!(ran.stdout.trim_end(), shown.trim_end());
+}
+
+#[test]
 fn template_snippet_talks_to_the_counter_example() {
     let counter = PathBuf::from(env!("CARGO_BIN_EXE_closewait"))
         .parent()
@@ -534,6 +557,7 @@ fn scripts_behave_as_the_docs_describe() {
 fn template_rust_blocks_are_the_code_they_quote() {
     let sources: Vec<(&str, String)> = [
         "examples/counter.rs",
+        "examples/auth.rs",
         "examples/resp.rs",
         "tests/example_counter.rs",
         "src/service.rs",

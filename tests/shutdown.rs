@@ -119,8 +119,9 @@ const HOLD: u8 = 0x7e;
 
 impl Service for Holding {
     type Codec = closewait::LengthPrefixed;
+    type Session = ();
 
-    fn call(&mut self, request: &[u8], reply: &mut Reply<'_>, cx: &Context<'_>) {
+    fn call(&mut self, request: &[u8], _: &mut (), reply: &mut Reply<'_>, cx: &Context<'_>) {
         if request[0] == HOLD {
             self.entered.store(true, Ordering::SeqCst);
             let until = Instant::now() + WAIT;
@@ -129,7 +130,7 @@ impl Service for Holding {
             }
             reply.send(PING_REPLY, b"");
         } else {
-            Reference.call(request, reply, cx);
+            Reference.call(request, &mut (), reply, cx);
         }
     }
 }

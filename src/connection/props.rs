@@ -41,8 +41,9 @@ struct Recorder {
 
 impl Service for Recorder {
     type Codec = LengthPrefixed;
+    type Session = ();
 
-    fn call(&mut self, request: &[u8], _: &mut Reply<'_>, _: &Context<'_>) {
+    fn call(&mut self, request: &[u8], _: &mut (), _: &mut Reply<'_>, _: &Context<'_>) {
         // The recording is the test's memory, not the connection's.
         allocation_counter::opt_out(|| self.bodies.push(request.to_vec()));
     }
@@ -95,7 +96,10 @@ fn pair() -> (Connection, std::net::TcpStream) {
     peer.set_read_timeout(Some(WAIT)).unwrap();
     let (accepted, addr) = listener.accept().unwrap();
     accepted.set_nonblocking(true).unwrap();
-    (Connection::new(TcpStream::from_std(accepted), addr), peer)
+    (
+        Connection::new(TcpStream::from_std(accepted), addr, ()),
+        peer,
+    )
 }
 
 /// Wait until `len` bytes are readable on the server side, without consuming them.
