@@ -32,6 +32,7 @@ use mio::net::TcpStream;
 use mio::Token;
 
 use crate::codec::{Codec, Decoded};
+use crate::deferred::Deferrals;
 use crate::leak;
 use crate::leak::EofPolicy;
 use crate::service::{Context, Reply, Service};
@@ -213,6 +214,8 @@ pub struct Io<'a, S: Service> {
     /// When a read returned 0 (the peer's FIN), by token, until the loop closes the socket:
     /// the FIN-to-close clock, kept by the loop so an idle connection stays small.
     pub fins: &'a mut HashMap<Token, Instant>,
+    /// Replies held behind deferred requests, by token (kept by the loop, like `fins`).
+    pub deferrals: &'a mut Deferrals,
     /// The token of the connection being driven.
     pub token: Token,
 }
@@ -437,7 +440,7 @@ impl<T> Connection<T> {
         message: &str,
     ) -> Step {
         self.lend_output(io);
-        S::Codec::encode_error(&mut self.pending, message);
+        S::Codec::encode_error(self.output_in_order(io), message);
         self.state = State::Draining(why);
         self.flush(io).unwrap_or(Step::Continue)
     }
@@ -473,6 +476,15 @@ impl<T> Connection<T> {
         self.lend_output(io);
         let mut step = Step::Again;
         for _ in 0..budget {
+            if io
+                .deferrals
+                .is_full(io.token, S::MAX_DEFERRED, io.max_pending_output)
+            {
+                // Too many requests waiting for deferred replies: read on when one completes.
+                self.read_paused = true;
+                step = Step::Continue;
+                break;
+            }
             if self.pending.len() - self.sent >= io.max_pending_output {
                 // Try to make room before deciding to stop reading this peer.
                 if let Some(close) = self.write_pending() {
@@ -560,6 +572,8 @@ impl<T> Connection<T> {
             stats,
             warn,
             max_frame,
+            deferrals,
+            token,
             ..
         } = io;
         let max = *max_frame;
@@ -571,7 +585,7 @@ impl<T> Connection<T> {
             peer: self.peer,
             stats,
         };
-        let mut reply = Reply::new(&mut self.pending);
+        let mut reply = Reply::for_connection(&mut self.pending, deferrals, *token);
         let mut requests = 0;
 
         let outcome = 'input: {
@@ -649,6 +663,7 @@ impl<T> Connection<T> {
                 }
             }
         };
+        reply.hold_rest();
         if let Some((count, first)) = reply.take_errors() {
             if warn.allow() {
                 log::warn!(
@@ -672,10 +687,39 @@ impl<T> Connection<T> {
                 io.warn.suppressed_note()
             );
         }
-        S::Codec::encode_error(&mut self.pending, &message);
+        S::Codec::encode_error(self.output_in_order(io), &message);
         io.stats.add(Counter::Requests, 1);
         self.partial = Vec::new();
         self.state = State::Draining(Graceful::Protocol);
+    }
+
+    /// Replies completed on another thread are now in order (`replies`, possibly empty: a
+    /// completion behind a waiting one releases nothing but may end a read pause).
+    pub fn on_deferred<S: Service<Session = T>>(
+        &mut self,
+        io: &mut Io<'_, S>,
+        replies: &[u8],
+    ) -> Step {
+        if matches!(self.state, State::Leaked | State::Lingering(_)) {
+            return Step::Continue;
+        }
+        if !replies.is_empty() {
+            self.lend_output(io);
+            self.pending.extend_from_slice(replies);
+        }
+        self.flush(io).unwrap_or(Step::Continue)
+    }
+
+    /// Where a reply of the loop's own goes: behind waiting deferred replies, if any.
+    fn output_in_order<'b, S: Service<Session = T>>(
+        &'b mut self,
+        io: &'b mut Io<'_, S>,
+    ) -> &'b mut Vec<u8> {
+        if io.deferrals.is_waiting(io.token) {
+            io.deferrals.tail(io.token)
+        } else {
+            &mut self.pending
+        }
     }
 
     /// Write what the socket takes; close if draining and done. `None` means keep going.
@@ -688,7 +732,17 @@ impl<T> Connection<T> {
         }
         self.return_output(io);
         match self.state {
+            // A deferred reply still to come: its completion flushes again (or the drain
+            // or idle timeout ends the wait).
+            State::Draining(_) if io.deferrals.is_waiting(io.token) => None,
             State::Draining(why) => Some(self.finish_writing(io, why)),
+            _ if self.read_paused
+                && io
+                    .deferrals
+                    .is_full(io.token, S::MAX_DEFERRED, io.max_pending_output) =>
+            {
+                None
+            }
             _ if self.read_paused => {
                 // Room again: resume reading the requests we left in the socket.
                 Some(Step::Again)
@@ -853,6 +907,7 @@ mod tests {
         stats: Stats,
         warn: Throttle,
         fins: HashMap<Token, Instant>,
+        deferrals: Deferrals,
     }
 
     impl Parts {
@@ -866,6 +921,7 @@ mod tests {
                 stats: Stats::default(),
                 warn: Throttle::default(),
                 fins: HashMap::new(),
+                deferrals: Deferrals::new(None),
             }
         }
 
@@ -882,6 +938,7 @@ mod tests {
                 eof_policy: EofPolicy::Close,
                 linger: true,
                 fins: &mut self.fins,
+                deferrals: &mut self.deferrals,
                 token: Token(0),
             }
         }

@@ -29,6 +29,8 @@
 //!   including an error that is the peer's fault (logged) or an ordinary answer (not), and
 //!   closing after a reply (QUIT); the service's state per connection
 //!   ([`Service::Session`], given back with its [`CloseReason`]).
+//! - [`Reply::defer`] and [`Deferred`]: a request answered later from another thread,
+//!   replies still in request order.
 //! - [`stats::ServiceCounter`]: the service's own counters, in STATS and the metrics next
 //!   to the server's ([`Server::register`]).
 //! - [`Codec`] and [`Decoded`]: the wire format a service picks; [`LengthPrefixed`] (module
@@ -68,17 +70,18 @@
 //! 4. [`codec`] — the wire-format trait; [`frame`] — the default codec: length prefix,
 //!    limits, partial frames; never what an op means.
 //! 5. [`service`] — the [`Service`] trait, [`Reply`], and the reference ECHO/PING/STATS service.
-//! 6. `limits` — the fd budget, the cap, the accept gate and the EMFILE back-off.
-//! 7. `timers` — idle, frame and linger deadlines in O(1).
-//! 8. `memory` — the memory budget over all connections, and whom it evicts.
-//! 9. `connections` — the slab registry: one connection, one entry, one registered fd.
-//! 10. `listener` — socket2 listener with an explicit backlog and inherited socket options.
-//! 11. [`stats`] — the counters behind STATS and the shutdown summary.
-//! 12. `throttle` — rate limit for log lines a peer can trigger.
-//! 13. [`config`] and [`cli`] — what an operator can set, and a server process's start-up.
-//! 14. `systemd` — socket activation (`LISTEN_FDS`) and readiness notification.
-//! 15. `metrics` — the Prometheus endpoint (`--metrics`), on a thread of its own.
-//! 16. `procfs` — a process's fds and TCP sockets by state from `/proc` (the metrics'
+//! 6. [`deferred`] — replies answered on other threads, kept in request order.
+//! 7. `limits` — the fd budget, the cap, the accept gate and the EMFILE back-off.
+//! 8. `timers` — idle, frame and linger deadlines in O(1).
+//! 9. `memory` — the memory budget over all connections, and whom it evicts.
+//! 10. `connections` — the slab registry: one connection, one entry, one registered fd.
+//! 11. `listener` — socket2 listener with an explicit backlog and inherited socket options.
+//! 12. [`stats`] — the counters behind STATS and the shutdown summary.
+//! 13. `throttle` — rate limit for log lines a peer can trigger.
+//! 14. [`config`] and [`cli`] — what an operator can set, and a server process's start-up.
+//! 15. `systemd` — socket activation (`LISTEN_FDS`) and readiness notification.
+//! 16. `metrics` — the Prometheus endpoint (`--metrics`), on a thread of its own.
+//! 17. `procfs` — a process's fds and TCP sockets by state from `/proc` (the metrics'
 //!     CLOSE_WAIT fallback; public as `testing::procfs`, the test kit's).
 //!
 //! The docs in `docs/` tell the same story at length: `close-wait.md` (the leak),
@@ -92,6 +95,7 @@ pub mod codec;
 pub mod config;
 mod connection;
 mod connections;
+pub mod deferred;
 #[doc(hidden)]
 pub mod demo;
 pub mod frame;
@@ -115,5 +119,6 @@ mod timers;
 pub use codec::{Codec, Decoded, LengthPrefixed};
 pub use config::{Config, WhenFull};
 pub use connection::CloseReason;
+pub use deferred::Deferred;
 pub use server::{Handle, Server};
 pub use service::{Context, Reply, Service};

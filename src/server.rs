@@ -24,6 +24,7 @@ use signal_hook_mio::v1_0::Signals;
 use crate::codec::Codec;
 use crate::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
 use crate::connections::Registry;
+use crate::deferred::{Deferrals, Inbox};
 use crate::leak::{self, EofPolicy};
 use crate::limits::{self, AcceptError, AcceptGate, Transition};
 use crate::memory::{self, MemoryBudget};
@@ -86,7 +87,8 @@ struct WorkerParts {
 /// What the workers and every [`Handle`] share.
 struct Shared {
     stop: AtomicBool,
-    wakers: Vec<Waker>,
+    /// Each worker's waker, with its mailbox of deferred replies.
+    inboxes: Vec<Arc<Inbox>>,
     stats: Stats,
     /// Tell systemd when the drain starts (`Config::systemd`).
     systemd: bool,
@@ -97,8 +99,8 @@ impl Shared {
         if !self.stop.swap(true, Ordering::SeqCst) && self.systemd {
             systemd::notify_stopping();
         }
-        for waker in &self.wakers {
-            if let Err(e) = waker.wake() {
+        for inbox in &self.inboxes {
+            if let Err(e) = inbox.wake() {
                 log::error!("could not wake a worker to stop it: {e}");
             }
         }
@@ -228,7 +230,7 @@ impl<S: Service + 'static> Server<S> {
         };
 
         let mut parts = Vec::with_capacity(workers);
-        let mut wakers = Vec::with_capacity(workers);
+        let mut inboxes = Vec::with_capacity(workers);
         let inherited = if config.systemd {
             systemd::take_listener()?
         } else {
@@ -238,7 +240,7 @@ impl<S: Service + 'static> Server<S> {
         let local_addr = listeners[0].local_addr()?;
         for (index, listener) in listeners.into_iter().enumerate() {
             let poll = Poll::new()?;
-            wakers.push(Waker::new(poll.registry(), WAKER)?);
+            inboxes.push(Arc::new(Inbox::new(Waker::new(poll.registry(), WAKER)?)));
             let signals = if config.handle_signals && index == 0 {
                 let mut signals = Signals::new([SIGINT, SIGTERM])?;
                 poll.registry()
@@ -273,7 +275,7 @@ impl<S: Service + 'static> Server<S> {
         stats.set(Counter::Workers, workers as u64);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
-            wakers,
+            inboxes,
             stats,
             systemd: config.systemd,
         });
@@ -435,6 +437,9 @@ struct Worker<S: Service> {
     /// connections still flushing to a half-closed peer (and, in the leaky variant, every
     /// leaked one).
     eof_at: HashMap<Token, Instant>,
+    /// Replies held behind requests waiting for a deferred reply, by connection; empty
+    /// unless a service defers. Completions arrive in `shared.inboxes[index]`.
+    deferrals: Deferrals,
     drain_deadline: Option<Instant>,
     warn: Throttle,
     state_log: Throttle,
@@ -479,7 +484,6 @@ impl<S: Service> Worker<S> {
             gate: AcceptGate::default(),
             cap,
             accept_pending: true,
-            shared,
             service,
             codec: S::Codec::default(),
             input: vec![0; READ_CHUNK].into_boxed_slice(),
@@ -488,6 +492,7 @@ impl<S: Service> Worker<S> {
             again: Vec::new(),
             memory: MemoryBudget::new(max_buffered),
             eof_at: HashMap::new(),
+            deferrals: Deferrals::new(Some(shared.inboxes[index].clone())),
             drain_deadline: None,
             warn: Throttle::default(),
             state_log: Throttle::new(1, STATE_LOG_INTERVAL),
@@ -500,6 +505,7 @@ impl<S: Service> Worker<S> {
             drain_timeout: config.drain_timeout,
             frame_timeout: config.frame_timeout,
             linger: config.linger_timeout.is_some(),
+            shared,
         }
     }
 
@@ -521,7 +527,8 @@ impl<S: Service> Worker<S> {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_pending = true,
-                    WAKER => {}
+                    // Shutdown, or replies completed on other threads.
+                    WAKER => self.on_completions(now),
                     SIGNALS => self.on_signals(),
                     token => {
                         // A read-closed hint is read like readable: only a read returning 0
@@ -625,6 +632,7 @@ impl<S: Service> Worker<S> {
             eof_policy: self.eof_policy,
             linger: self.linger,
             fins: &mut self.eof_at,
+            deferrals: &mut self.deferrals,
             token,
         };
         let step = f(conn, &mut io);
@@ -653,6 +661,23 @@ impl<S: Service> Worker<S> {
                 self.shared.stats.add(Counter::Lingering, 1);
                 // Input that arrived while draining raised its edge already: read it now.
                 self.again.push(token);
+            }
+        }
+    }
+
+    /// Deferred replies completed on other threads: put what is now in request order into
+    /// its connection's output and flush it (this is where deferred replies enter the loop).
+    /// Out of line: a service that never defers never gets here.
+    #[cold]
+    #[inline(never)]
+    fn on_completions(&mut self, now: Instant) {
+        let mut released = Vec::new();
+        for done in self.shared.inboxes[self.index].take() {
+            released.clear();
+            if let Some(token) = self.deferrals.apply(done, &mut released) {
+                let replies = std::mem::take(&mut released);
+                self.drive(token, now, |conn, io| conn.on_deferred(io, &replies));
+                released = replies;
             }
         }
     }
@@ -715,6 +740,8 @@ impl<S: Service> Worker<S> {
             // close(2) here; the session goes back to the service after it, so nothing the
             // service does in `close` can hold the socket open.
             let session = conn.into_session();
+            // Its late deferred replies answer nobody (and never a new connection here).
+            self.deferrals.forget(token);
             if let Some(at) = self.eof_at.remove(&token) {
                 stats.observe_fin_to_close(at.elapsed());
             }

@@ -14,8 +14,10 @@ use std::net::SocketAddr;
 
 use crate::codec::{Codec, LengthPrefixed};
 use crate::connection::CloseReason;
+use crate::deferred::{Deferrals, Deferred};
 use crate::frame;
 use crate::stats::Stats;
+use mio::Token;
 
 /// Request op: reply [`ECHO_REPLY`] with the same data.
 pub const ECHO: u8 = 0x01;
@@ -57,6 +59,12 @@ pub trait Service {
     /// one byte to a connection. Keep it small, or boxed: every idle connection holds one.
     type Session: Default;
 
+    /// Requests of one connection that may wait for a [deferred](Reply::defer) reply at
+    /// once. At the bound the loop stops reading that connection (as it does when its
+    /// output backs up) until one completes; the bound is checked before each read, so a
+    /// connection holds at most this many plus the requests of one read.
+    const MAX_DEFERRED: usize = 64;
+
     /// A connection from `peer` was accepted: make its session (by default,
     /// `Session::default()`).
     fn open(&mut self, peer: SocketAddr) -> Self::Session {
@@ -92,6 +100,13 @@ pub trait Service {
 /// `examples/resp.rs`).
 pub struct Reply<'a, C = LengthPrefixed> {
     out: &'a mut Vec<u8>,
+    /// The worker's deferred replies, while the loop drives a connection (`None` outside).
+    deferrals: Option<&'a mut Deferrals>,
+    token: Token,
+    /// Where in `out` the replies that must wait begin (behind a waiting deferred request of
+    /// this connection); they are moved to its queue when the batch ends or at the next
+    /// `defer`, so writing a reply never has to ask where it goes.
+    held: Option<usize>,
     errors: u32,
     first_error: Option<String>,
     close: bool,
@@ -104,10 +119,66 @@ impl<'a, C: Codec> Reply<'a, C> {
     pub fn new(out: &'a mut Vec<u8>) -> Self {
         Reply {
             out,
+            deferrals: None,
+            token: Token(0),
+            held: None,
             errors: 0,
             first_error: None,
             close: false,
             codec: PhantomData,
+        }
+    }
+
+    /// The writer for connection `token`'s replies, which go behind its waiting deferred
+    /// requests if it has any.
+    pub(crate) fn for_connection(
+        out: &'a mut Vec<u8>,
+        deferrals: &'a mut Deferrals,
+        token: Token,
+    ) -> Self {
+        let held = deferrals.is_waiting(token).then_some(out.len());
+        Reply {
+            deferrals: Some(deferrals),
+            token,
+            held,
+            ..Reply::new(out)
+        }
+    }
+
+    /// The batch is over: replies written behind a waiting request join its queue.
+    #[inline]
+    pub(crate) fn hold_rest(&mut self) {
+        if self.held.is_some() {
+            self.hold();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn hold(&mut self) {
+        if let (Some(mark), Some(deferrals)) = (self.held, self.deferrals.as_deref_mut()) {
+            deferrals.hold(self.token, &self.out[mark..]);
+            self.out.truncate(mark);
+        }
+    }
+
+    /// Answer this request later, from any thread: the handle goes to a thread of yours,
+    /// which calls [`Deferred::complete`] with the reply. Replies to this connection's later
+    /// requests wait behind it, so the peer still gets them in request order. Nothing is
+    /// written for this request now (and anything written to this `Reply` after `defer`
+    /// goes after the deferred reply). See `examples/pool.rs`.
+    ///
+    /// Outside a server (a `Reply` made with [`Reply::new`]) the deferred answer is dropped.
+    pub fn defer(&mut self) -> Deferred<C> {
+        if self.deferrals.is_none() {
+            return Deferrals::new(None).defer(self.token);
+        }
+        // Replies written since the last deferral of this batch go before this one.
+        self.hold();
+        self.held = Some(self.out.len());
+        match self.deferrals.as_deref_mut() {
+            Some(deferrals) => deferrals.defer(self.token),
+            None => unreachable!("checked above"),
         }
     }
 

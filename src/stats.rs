@@ -238,6 +238,11 @@ impl ServiceCounter {
         self.value.fetch_sub(n, Ordering::Relaxed);
     }
 
+    /// Raise to `n` if it is below (a high-water mark).
+    pub fn max(&self, n: u64) {
+        self.value.fetch_max(n, Ordering::Relaxed);
+    }
+
     /// Set to `n` (a gauge).
     pub fn set(&self, n: u64) {
         self.value.store(n, Ordering::Relaxed);

@@ -371,6 +371,30 @@ fn template_snippet_talks_to_the_auth_example() {
 }
 
 #[test]
+fn template_snippet_talks_to_the_pool_example() {
+    let pool = PathBuf::from(env!("CARGO_BIN_EXE_closewait"))
+        .parent()
+        .unwrap()
+        .join("examples/pool");
+    assert!(
+        pool.exists(),
+        "{} missing: run `cargo test` (it builds examples) or `cargo build --examples`",
+        pool.display()
+    );
+    let server = Started::line(&format!(
+        "{} --listen 127.0.0.1:0 --threads 4",
+        pool.display()
+    ));
+    let template = read_doc("docs/template.md");
+    let heading = "### Slow work: deferred replies";
+    let snippet = block_after(&template, heading, "python");
+    let ran = python(&snippet.replace("7878", &server.port.to_string()));
+    assert_ok(&ran, "template pool snippet");
+    let shown = block_after(&template, heading, "text");
+    assert_eq!(ran.stdout.trim_end(), shown.trim_end());
+}
+
+#[test]
 fn template_snippet_talks_to_the_counter_example() {
     let counter = PathBuf::from(env!("CARGO_BIN_EXE_closewait"))
         .parent()
@@ -558,6 +582,7 @@ fn template_rust_blocks_are_the_code_they_quote() {
     let sources: Vec<(&str, String)> = [
         "examples/counter.rs",
         "examples/auth.rs",
+        "examples/pool.rs",
         "examples/resp.rs",
         "tests/example_counter.rs",
         "src/service.rs",

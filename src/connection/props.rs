@@ -207,6 +207,7 @@ proptest! {
         let mut warn = Throttle::default();
         // The loop's FIN clock, with room for this connection: its memory is the loop's.
         let mut fins = std::collections::HashMap::with_capacity(1);
+        let mut deferrals = crate::deferred::Deferrals::new(None);
         let mut io = Io {
             input: &mut input,
             output: &mut output,
@@ -219,6 +220,7 @@ proptest! {
             eof_policy: EofPolicy::Close,
             linger: true,
             fins: &mut fins,
+            deferrals: &mut deferrals,
             token: mio::Token(0),
         };
 

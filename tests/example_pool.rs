@@ -1,0 +1,150 @@
+//! The pool example's tests: deferred replies keep request order, a connection's waiting
+//! requests are bounded, a reply completed after its connection closed goes nowhere (not to
+//! the next connection in its slot), a dropped handle answers ERROR, and shutdown waits for
+//! what is still being worked on.
+
+#[allow(dead_code)]
+#[path = "../examples/pool.rs"]
+mod pool;
+
+use std::sync::Arc;
+
+use closewait::deferred::DROPPED;
+use closewait::service::{ECHO, ECHO_REPLY, ERROR, PING, PING_REPLY};
+use closewait::stats::Counter as Stat;
+use closewait::testing::{frame, wait_until, TestServer, WAIT};
+use closewait::{Config, Server};
+use pool::{PoolCounters, Slow, ThreadPool, LOST, MAX_WAITING, SLEEP, SLEEP_REPLY};
+
+/// The pool service with `threads` pool threads, on 127.0.0.1:0.
+fn start(threads: usize) -> (TestServer, PoolCounters) {
+    let counters = PoolCounters::default();
+    let pool = ThreadPool::new(threads, counters.clone());
+    let make = {
+        let counters = counters.clone();
+        move || Slow {
+            pool: Arc::clone(&pool),
+            counters: counters.clone(),
+        }
+    };
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let server = Server::with_service(config, make).expect("bind");
+    (TestServer::run(counters.register(server)), counters)
+}
+
+/// A SLEEP request body: `ms` then `data`.
+fn sleep(ms: u16, data: &[u8]) -> Vec<u8> {
+    [&ms.to_be_bytes()[..], data].concat()
+}
+
+#[test]
+fn replies_leave_in_request_order_whatever_order_the_pool_finishes_in() {
+    let (server, _) = start(4);
+    let mut client = server.connect();
+    let requests = [
+        frame(SLEEP, &sleep(300, b"slow")),
+        frame(SLEEP, &sleep(0, b"fast")),
+        frame(PING, b""),
+        frame(ECHO, b"now"),
+        frame(LOST, b""),
+        frame(SLEEP, &sleep(100, b"last")),
+    ];
+    client.send_raw(&requests.concat());
+    let expected = [
+        (SLEEP_REPLY, b"slow".to_vec()),
+        (SLEEP_REPLY, b"fast".to_vec()),
+        (PING_REPLY, vec![]),
+        (ECHO_REPLY, b"now".to_vec()),
+        (ERROR, DROPPED.as_bytes().to_vec()),
+        (SLEEP_REPLY, b"last".to_vec()),
+    ];
+    for want in expected {
+        assert_eq!(client.recv(), Some(want));
+    }
+}
+
+#[test]
+fn a_dropped_handle_answers_error_and_the_connection_goes_on() {
+    let (server, _) = start(1);
+    let mut client = server.connect();
+    assert_eq!(client.call(LOST, b""), (ERROR, DROPPED.as_bytes().to_vec()));
+    assert_eq!(client.call(PING, b""), (PING_REPLY, vec![]));
+}
+
+#[test]
+fn a_connection_waits_for_at_most_max_deferred_requests_before_it_is_read_again() {
+    // One pool thread, busy with the first request: nothing completes while the rest arrive.
+    let (server, counters) = start(1);
+    let mut client = server.connect();
+    client.send(SLEEP, &sleep(500, b"0"));
+    for i in 1..MAX_WAITING as u64 {
+        assert!(
+            wait_until(WAIT, || counters.jobs.get() == i),
+            "request {i} not read"
+        );
+        client.send(SLEEP, &sleep(0, &[b'0' + i as u8]));
+    }
+    assert!(wait_until(WAIT, || counters.jobs.get() == MAX_WAITING as u64));
+    // At the bound: these stay in the socket until the pool answers.
+    for i in MAX_WAITING..MAX_WAITING + 3 {
+        client.send(SLEEP, &sleep(0, &[b'0' + i as u8]));
+    }
+    for i in 0..MAX_WAITING + 3 {
+        assert_eq!(client.recv(), Some((SLEEP_REPLY, vec![b'0' + i as u8])));
+    }
+    assert_eq!(
+        counters.peak.get(),
+        MAX_WAITING as u64,
+        "requests waiting at once"
+    );
+}
+
+#[test]
+fn a_reply_completed_after_its_connection_closed_goes_nowhere() {
+    let (server, counters) = start(2);
+    let mut gone = server.connect();
+    gone.send(SLEEP, &sleep(300, b"stale"));
+    assert!(wait_until(WAIT, || counters.jobs.get() == 1));
+    // A reset closes the connection at once, with its request still in the pool.
+    socket2::SockRef::from(&gone.stream)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
+    drop(gone);
+    let stats = server.handle().stats();
+    assert!(wait_until(WAIT, || stats.get(Stat::ClosedReset) == 1));
+
+    // The next connection takes the freed slot; the stale reply must not reach it.
+    let mut next = server.connect();
+    next.send(SLEEP, &sleep(600, b"fresh"));
+    assert!(
+        wait_until(WAIT, || counters.waiting.get() == 1),
+        "stale one done"
+    );
+    assert_eq!(next.recv(), Some((SLEEP_REPLY, b"fresh".to_vec())));
+    assert_eq!(next.call(PING, b""), (PING_REPLY, vec![]));
+}
+
+#[test]
+fn a_peer_that_closes_its_side_still_gets_its_deferred_reply() {
+    let (server, _) = start(1);
+    let mut client = server.connect();
+    client.send(SLEEP, &sleep(200, b"late"));
+    client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(client.recv(), Some((SLEEP_REPLY, b"late".to_vec())));
+    assert_eq!(client.recv(), None);
+}
+
+#[test]
+fn shutdown_waits_for_deferred_replies() {
+    let (server, counters) = start(1);
+    let mut client = server.connect();
+    client.send(SLEEP, &sleep(300, b"finished"));
+    assert!(wait_until(WAIT, || counters.jobs.get() == 1));
+    server.handle().shutdown();
+    assert_eq!(client.recv(), Some((SLEEP_REPLY, b"finished".to_vec())));
+    assert_eq!(client.recv(), None);
+    server.stop().expect("a clean stop");
+}
