@@ -5,6 +5,7 @@
 mod baseline;
 mod bench;
 mod compare;
+mod limit;
 mod probe;
 mod serve;
 mod watch;
@@ -33,6 +34,9 @@ enum Command {
     Bench(bench::Args),
     /// Serve the wire protocol the idiomatic tokio way (the benchmark's baseline).
     BaselineServer(baseline::Args),
+    /// Serve the wire protocol with the fewest syscalls possible on raw epoll (the
+    /// benchmark's physical limit: one read per readiness, one write per batch).
+    LimitServer(limit::Args),
     /// Internal: run closewait in this process under a given RLIMIT_NOFILE.
     #[command(hide = true)]
     Serve(serve::Args),
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BaselineServer(args) => baseline::run(args),
+        Command::LimitServer(args) => limit::run(args),
         Command::Serve(args) => serve::run(args),
     }
 }
