@@ -32,6 +32,10 @@ enum Command {
     Probe(probe::Args),
     /// Benchmark closewait against the tokio baseline server.
     Bench(bench::Args),
+    /// Hold as many connections as the fd limit allows against closewait and the tokio
+    /// baseline: establish, memory, latency idle and with 1 % active, release after every
+    /// peer closes (the scale figure of `bench` on its own).
+    Scale(bench::Args),
     /// Serve the wire protocol the idiomatic tokio way (the benchmark's baseline).
     BaselineServer(baseline::Args),
     /// Serve the wire protocol with the fewest syscalls possible on raw epoll (the
@@ -40,6 +44,9 @@ enum Command {
     /// Internal: run closewait in this process under a given RLIMIT_NOFILE.
     #[command(hide = true)]
     Serve(serve::Args),
+    /// Internal: one client process of the scale figure.
+    #[command(hide = true)]
+    ScaleClient(bench::ScaleClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,5 +58,7 @@ fn main() -> ExitCode {
         Command::BaselineServer(args) => baseline::run(args),
         Command::LimitServer(args) => limit::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Scale(args) => bench::run_scale(args),
+        Command::ScaleClient(args) => bench::scale_client(args),
     }
 }
