@@ -300,10 +300,14 @@ fn measure(
                 plan.pipelined
             };
             let r = load::request_load(addr, pid, load, Some(plan.syscall_window))?;
-            if let Some((syscalls, requests)) = r.syscalls {
-                if requests > 0 {
+            match r.syscalls {
+                Some(Ok((syscalls, requests))) if requests > 0 => {
                     m.push(("syscalls_per_req", syscalls as f64 / requests as f64));
                 }
+                // The other figures stand without it; the table shows – and the target
+                // "not measured" (tests/bench.rs insists on it, so CI cannot lose it quietly).
+                Some(Err(e)) => eprintln!("loadtest bench: syscalls not counted: {e}"),
+                _ => {}
             }
             let w = &r.window;
             m.push(("req_per_s", w.count as f64 / w.secs));

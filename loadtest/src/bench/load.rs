@@ -196,8 +196,9 @@ pub struct LoadResult {
     /// Round-trip times in µs (ping-pong only: depth 1).
     pub rtt: Option<Histogram<u64>>,
     /// The syscall window, if one was asked for: (syscalls the server entered, requests
-    /// completed) over the same span, counted by `perf` after the measurement window.
-    pub syscalls: Option<(u64, u64)>,
+    /// completed) over the same span, counted by `perf` after the measurement window; or
+    /// why perf could not count them.
+    pub syscalls: Option<Result<(u64, u64), String>>,
 }
 
 /// The connections of a request/response load and the loop that keeps them busy.
@@ -383,13 +384,16 @@ pub fn request_load(
     let syscalls = match syscall_window {
         None => None,
         Some(span) => {
-            let mut perf = super::syscalls::Perf::attach(pid)?;
-            // The load keeps going while perf starts: the server stays in its steady state.
             let mut ignored = rtt.clone();
-            driver.pump(Instant::now() + Duration::from_millis(100), &mut ignored)?;
-            perf.enable()?;
-            let requests = driver.pump(Instant::now() + span, &mut ignored)?;
-            Some((perf.finish()?, requests))
+            let mut count = || -> io::Result<(u64, u64)> {
+                let mut perf = super::syscalls::Perf::attach(pid)?;
+                // The load keeps going while perf starts: the server stays in its steady state.
+                driver.pump(Instant::now() + Duration::from_millis(100), &mut ignored)?;
+                perf.enable()?;
+                let requests = driver.pump(Instant::now() + span, &mut ignored)?;
+                Ok((perf.finish()?, requests))
+            };
+            Some(count().map_err(|e| e.to_string()))
         }
     };
     Ok(LoadResult {

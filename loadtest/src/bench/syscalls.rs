@@ -93,7 +93,10 @@ impl Perf {
     fn command(&mut self, what: &str) -> io::Result<()> {
         writeln!(self.ctl, "{what}")?;
         match self.acks.recv_timeout(ACK_TIMEOUT) {
-            Ok(line) if line.trim() == "ack" => Ok(()),
+            // perf writes "ack\n" with its C string's NUL, which lands before the next ack.
+            Ok(line) if line.trim_matches(|c: char| c == '\0' || c.is_whitespace()) == "ack" => {
+                Ok(())
+            }
             Ok(line) => Err(io::Error::other(format!(
                 "perf answered {line:?} to {what}"
             ))),
