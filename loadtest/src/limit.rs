@@ -220,7 +220,10 @@ fn on_writable(ep: RawFd, fd: RawFd, conn: &mut Conn) -> bool {
 }
 
 /// Answer every complete frame at the front of `input` into `out`. Returns the bytes used and
-/// whether the connection must close (an invalid length, answered with ERROR).
+/// whether the connection must close (an invalid length, answered with ERROR). The close that
+/// follows is a plain `close`: bytes the peer sent after the bad length and this server never
+/// read turn it into an RST, which may overtake the ERROR frame — closewait drains first, the
+/// limit does not (nothing else, by design).
 fn answer(input: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
     let mut at = 0;
     while let Some(head) = input.get(at..at + 4) {

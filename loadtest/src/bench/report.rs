@@ -424,7 +424,9 @@ fn targets(rows: &[Row], runs: u32) -> String {
     let v = |f, key| median_of(rows, f, Closewait, key);
     let at_least = |x: Option<f64>, min: f64| x.map(|x| (x, x >= min));
     let at_most = |x: Option<f64>, max: f64| x.map(|x| (x, x <= max));
-    let targets: Vec<(&str, Option<(f64, bool)>, &str)> = vec![
+    // (target, closewait's value and whether it meets it, unit)
+    type Target = (&'static str, Option<(f64, bool)>, &'static str);
+    let targets: Vec<Target> = vec![
         (
             "ping-pong requests per server CPU-second ≥ 0.98 × limit",
             at_least(r(PingPong, "req_per_server_cpu_s", Limit), 0.98),
