@@ -50,11 +50,24 @@ impl Sizing {
     /// files), the ephemeral port range (per source address), and `requested` if given.
     pub fn probe(requested: Option<usize>) -> io::Result<Sizing> {
         let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+        let file_max = read_number("/proc/sys/fs/file-max").unwrap_or(u64::MAX);
+        let ports = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| {
+                let mut it = t.split_whitespace().map(|v| v.parse::<usize>().ok());
+                Some(it.next()??..=it.next()??)
+            })
+            .map_or(28_232, |r| r.count());
+        Ok(Sizing::from_limits(hard, file_max, ports, requested))
+    }
+
+    /// [`Sizing::probe`] from given limits: the hard RLIMIT_NOFILE, `fs.file-max`, ephemeral
+    /// ports per source address, and the connections asked for.
+    fn from_limits(hard: u64, file_max: u64, ports: usize, requested: Option<usize>) -> Sizing {
         // What closewait's own budget allows under that limit with one worker and stdio open.
         let server_max = closewait::limits::derive_budget(hard, 3, 1, None)
             .map(|b| b.max_connections)
             .unwrap_or(0);
-        let file_max = read_number("/proc/sys/fs/file-max").unwrap_or(u64::MAX);
         let by_files = usize::try_from(file_max.saturating_sub(10_000) / 2).unwrap_or(usize::MAX);
         let (mut conns, mut limited_by) = (
             server_max,
@@ -72,20 +85,13 @@ impl Sizing {
         }
         let per_client =
             usize::try_from(hard.saturating_sub(CLIENT_FD_RESERVE).max(1)).unwrap_or(usize::MAX);
-        let ports = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|t| {
-                let mut it = t.split_whitespace().map(|v| v.parse::<usize>().ok());
-                Some(it.next()??..=it.next()??)
-            })
-            .map_or(28_232, |r| r.count());
-        Ok(Sizing {
+        Sizing {
             conns,
             limited_by,
             // At least two, so the spreading over processes is exercised on every run.
             clients: conns.div_ceil(per_client).max(2).min(conns.max(1)),
             per_addr: ports.saturating_sub(PORT_MARGIN).max(1),
-        })
+        }
     }
 
     /// Lower `conns` to closewait's own cap (`max_connections` from STATS) if that is
@@ -584,4 +590,42 @@ pub fn describe(s: &Sizing) -> String {
         s.addrs(),
         s.per_addr
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_default_the_server_fd_limit_sets_the_count_and_the_report_says_so() {
+        let s = Sizing::from_limits(20_000, 2_466_177, 28_232, None);
+        assert_eq!(s.conns, 19_960, "20,000 less closewait's reserve of 40");
+        assert!(s.limited_by.contains("RLIMIT_NOFILE"), "{}", s.limited_by);
+        assert_eq!((s.clients, s.addrs()), (2, 1));
+    }
+
+    #[test]
+    fn more_than_the_limits_allow_is_cut_to_them_and_names_the_limit() {
+        let s = Sizing::from_limits(20_000, 2_466_177, 28_232, Some(1_000_000));
+        assert_eq!(s.conns, 19_960);
+        assert!(s.limited_by.contains("RLIMIT_NOFILE"), "{}", s.limited_by);
+        let s = Sizing::from_limits(1_048_576, 1_000_000, 28_232, Some(1_000_000));
+        assert_eq!(
+            s.conns, 495_000,
+            "two files per connection under fs.file-max less 10,000"
+        );
+        assert!(s.limited_by.contains("fs.file-max"), "{}", s.limited_by);
+    }
+
+    #[test]
+    fn a_million_is_spread_over_source_addresses_by_the_port_range() {
+        let s = Sizing::from_limits(1_048_576, 2_466_177, 28_232, Some(1_000_000));
+        assert_eq!(s.conns, 1_000_000);
+        assert_eq!(s.limited_by, "--conns");
+        assert_eq!(
+            s.clients, 2,
+            "one process may hold 1,048,512 fds; two are the minimum"
+        );
+        assert_eq!(s.addrs(), 1_000_000usize.div_ceil(26_232));
+    }
 }
