@@ -8,7 +8,7 @@
 //! ECHO; then every client closes all its sockets at once and the server's release is timed
 //! until its fd count is back where it started, and its CLOSE_WAIT sockets are counted.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::mpsc;
@@ -161,15 +161,8 @@ impl Client {
             let _ = child.wait();
             return Err(io::Error::other("no pipes to the client"));
         };
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        // A line at a time on a thread, so a stuck client costs a timeout, not a hang.
+        let lines = super::server::lines_of(stdout);
         Ok(Client {
             child,
             stdin,

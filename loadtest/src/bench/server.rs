@@ -155,6 +155,22 @@ impl Drop for Server {
     }
 }
 
+/// The lines `source` produces, read on a thread of their own: the receiver can wait with a
+/// timeout (`recv_timeout`), so a silent process costs a timeout, not a hang. The thread ends
+/// at EOF or when the receiver is dropped and the next line arrives.
+pub fn lines_of(source: impl io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(source).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// SIGTERM, wait up to 5 s, then SIGKILL; always reaps the child.
 fn stop(child: &mut Child) {
     if matches!(child.try_wait(), Ok(Some(_))) {

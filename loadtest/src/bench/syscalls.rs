@@ -11,7 +11,7 @@
 //! throughput and CPU figures are never measured with `perf` attached.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -72,15 +72,7 @@ impl Perf {
             .map_err(|e| io::Error::new(e.kind(), format!("cannot run perf: {e}")))?;
         // Acks arrive on a thread so a dead perf costs a timeout, not a hang. The thread ends
         // with this process (we hold the fifo's write end, so it never sees EOF).
-        let (tx, acks) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(ack).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let acks = super::server::lines_of(ack);
         Ok(Perf {
             child,
             ctl,
