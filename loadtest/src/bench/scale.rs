@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use closewait::procfs;
+use closewait::testing::procfs;
 use closewait::service::{PING, PING_REPLY};
 use hdrhistogram::Histogram;
 
@@ -65,7 +65,7 @@ impl Sizing {
     /// ports per source address, and the connections asked for.
     fn from_limits(hard: u64, file_max: u64, ports: usize, requested: Option<usize>) -> Sizing {
         // What closewait's own budget allows under that limit with one worker and stdio open.
-        let server_max = closewait::limits::derive_budget(hard, 3, 1, None)
+        let server_max = closewait::testing::limits::derive_budget(hard, 3, 1, None)
             .map(|b| b.max_connections)
             .unwrap_or(0);
         let by_files = usize::try_from(file_max.saturating_sub(10_000) / 2).unwrap_or(usize::MAX);
