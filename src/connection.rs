@@ -135,6 +135,48 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
+/// What a readiness event reported, as far as a connection cares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Input (or the peer's FIN) may be waiting.
+    pub readable: bool,
+    /// The peer closed its side (`EPOLLRDHUP`/`EPOLLHUP`): the FIN is already there and this
+    /// event was its one edge, so reading must go on until a read returns 0.
+    pub read_closed: bool,
+    /// Output may be written.
+    pub writable: bool,
+    /// An error is pending on the socket (RST, a kernel timeout).
+    pub error: bool,
+}
+
+impl Readiness {
+    /// A call without an event (after [`Step::Again`]): nothing is known, so read as if
+    /// the peer may have closed — until `WouldBlock` or 0.
+    pub const RETRY: Readiness = Readiness {
+        readable: true,
+        read_closed: true,
+        writable: false,
+        error: false,
+    };
+
+    fn until(self) -> Until {
+        if self.read_closed || self.error {
+            Until::Blocked
+        } else {
+            Until::ShortRead
+        }
+    }
+}
+
+/// Where a burst of reads may stop, besides the peer's FIN and the budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Until {
+    /// At `WouldBlock`.
+    Blocked,
+    /// At the first read that does not fill the buffer (or `WouldBlock`).
+    ShortRead,
+}
+
 /// What the loop must do with a connection after a handler ran.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -318,13 +360,13 @@ impl<T> Connection<T> {
     }
 
     /// Handle a readiness event (or a retry after [`Step::Again`]).
-    pub fn on_event<S: Service<Session = T>>(
-        &mut self,
-        io: &mut Io<'_, S>,
-        readable: bool,
-        writable: bool,
-        error: bool,
-    ) -> Step {
+    pub fn on_event<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>, ready: Readiness) -> Step {
+        let Readiness {
+            readable,
+            writable,
+            error,
+            ..
+        } = ready;
         match self.state {
             State::Leaked => return Step::Continue,
             State::Lingering(why) => {
@@ -349,7 +391,13 @@ impl<T> Connection<T> {
             }
         }
         if readable || self.read_paused {
-            return self.on_readable(io);
+            // A resumed paused peer was not reported by this event: read it to the end.
+            let until = if readable && !self.read_paused {
+                ready.until()
+            } else {
+                Until::Blocked
+            };
+            return self.on_readable(io, until);
         }
         Step::Continue
     }
@@ -367,7 +415,7 @@ impl<T> Connection<T> {
         // memory past the bound for a peer that is not reading.)
         let mut step = Step::Continue;
         if !self.read_paused {
-            step = self.read_until_blocked(io, SHUTDOWN_READS);
+            step = self.read_until_blocked(io, SHUTDOWN_READS, Until::Blocked);
         }
         if let Step::Close(_) = step {
             return step;
@@ -445,7 +493,7 @@ impl<T> Connection<T> {
         self.flush(io).unwrap_or(Step::Continue)
     }
 
-    fn on_readable<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>) -> Step {
+    fn on_readable<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>, until: Until) -> Step {
         if self.state != State::Open {
             // Draining reads nothing more, but a reset must still be noticed.
             return match self.stream.take_error() {
@@ -453,7 +501,7 @@ impl<T> Connection<T> {
                 Ok(None) => Step::Continue,
             };
         }
-        let step = self.read_until_blocked(io, READS_PER_TURN);
+        let step = self.read_until_blocked(io, READS_PER_TURN, until);
         if let Step::Close(_) = step {
             return step;
         }
@@ -467,10 +515,17 @@ impl<T> Connection<T> {
     /// output bound, or `budget` reads. Edge-triggered readiness makes draining mandatory:
     /// stop early without remembering it and no event comes again — data and FIN left in the
     /// socket, the connection stuck in CLOSE_WAIT.
+    ///
+    /// With [`Until::ShortRead`] a read that did not fill the buffer ends the call too: the
+    /// socket had no more, and anything that arrives later raises a new edge, so the read
+    /// that would only return `WouldBlock` is saved (one syscall of three per request in
+    /// ping-pong). Only an event that did not report the peer's FIN may do that: when it did,
+    /// the FIN's edge is spent, and only reading to the 0 notices it.
     fn read_until_blocked<S: Service<Session = T>>(
         &mut self,
         io: &mut Io<'_, S>,
         budget: usize,
+        until: Until,
     ) -> Step {
         self.read_paused = false;
         self.lend_output(io);
@@ -509,6 +564,10 @@ impl<T> Connection<T> {
                 Ok(n) => {
                     self.progressed = true;
                     match self.handle_input(n, io) {
+                        Ok(()) if n < io.input.len() && until == Until::ShortRead => {
+                            step = Step::Continue;
+                            break;
+                        }
                         Ok(()) => {}
                         Err(Stop::Invalid(message)) => {
                             self.on_invalid_request(message, io);
@@ -960,6 +1019,157 @@ mod tests {
         }
     }
 
+    /// A connection registered edge-triggered with its own poll, driven the way the loop
+    /// drives it: one `on_event` per event, with the event's readiness.
+    struct Looped {
+        conn: Connection,
+        peer: std::net::TcpStream,
+        poll: Poll,
+        events: Events,
+        parts: Parts,
+    }
+
+    impl Looped {
+        fn new() -> Looped {
+            let (mut conn, peer) = pair();
+            let poll = Poll::new().unwrap();
+            poll.registry()
+                .register(
+                    conn.stream_mut(),
+                    Token(0),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+                .unwrap();
+            peer.set_read_timeout(Some(WAIT)).unwrap();
+            let mut looped = Looped {
+                conn,
+                peer,
+                poll,
+                events: Events::with_capacity(8),
+                parts: Parts::new(READ_CHUNK),
+            };
+            // The first writable edge of a fresh socket: take it out of the way.
+            looped.turn(Duration::from_millis(50));
+            looped
+        }
+
+        /// One turn: wait up to `limit` for events and hand each to the connection. The
+        /// verdict of the last event, or `None` if no event came.
+        fn turn(&mut self, limit: Duration) -> Option<Step> {
+            self.poll.poll(&mut self.events, Some(limit)).unwrap();
+            let mut verdict = None;
+            for event in self.events.iter() {
+                let ready = Readiness {
+                    readable: event.is_readable() || event.is_read_closed(),
+                    read_closed: event.is_read_closed(),
+                    writable: event.is_writable(),
+                    error: event.is_error(),
+                };
+                let mut io = self.parts.io();
+                verdict = Some(self.conn.on_event(&mut io, ready));
+            }
+            verdict
+        }
+
+        /// Turns until the connection asks to be closed; the reason. Fails if no event
+        /// comes for a second: under edge-triggered polling that is a connection stuck in
+        /// CLOSE_WAIT for good.
+        fn until_closed(&mut self) -> CloseReason {
+            let deadline = Instant::now() + WAIT;
+            while Instant::now() < deadline {
+                match self.turn(Duration::from_secs(1)) {
+                    Some(Step::Close(reason)) => return reason,
+                    Some(_) => {}
+                    None => panic!("no event for 1 s and not closed: stuck (CLOSE_WAIT)"),
+                }
+            }
+            panic!("not closed within {WAIT:?}");
+        }
+
+        /// Everything the peer receives until EOF.
+        fn peer_reads_to_eof(&mut self) -> Vec<u8> {
+            let mut got = Vec::new();
+            self.peer.read_to_end(&mut got).unwrap();
+            got
+        }
+    }
+
+    const PING_FRAME: [u8; 5] = [0, 0, 0, 1, PING];
+    const PONG_FRAME: [u8; 5] = [0, 0, 0, 1, PING_REPLY];
+
+    /// Data and the FIN in one readiness: the read of the data is short, but the event said
+    /// read-closed, so reading goes on to the 0 (else no event ever comes again).
+    #[test]
+    fn data_and_fin_in_one_readiness_are_both_seen() {
+        let mut looped = Looped::new();
+        looped.peer.write_all(&PING_FRAME).unwrap();
+        looped.peer.shutdown(Shutdown::Write).unwrap();
+        // Both must be in the socket before the event is taken, so they share one edge:
+        // the socket is in CLOSE_WAIT once its FIN is in.
+        let port = looped.conn.stream_mut().local_addr().unwrap().port();
+        let deadline = Instant::now() + WAIT;
+        while !crate::procfs::tcp_rows(std::process::id())
+            .unwrap()
+            .iter()
+            .any(|row| row.local_port == port && row.state == crate::procfs::TCP_CLOSE_WAIT)
+        {
+            assert!(Instant::now() < deadline, "the FIN never arrived");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(looped.until_closed(), CloseReason::PeerEof);
+        drop(looped.conn.stream_mut().shutdown(Shutdown::Write));
+        assert_eq!(looped.peer_reads_to_eof(), PONG_FRAME);
+    }
+
+    /// After a short read the connection stops without the read that would return
+    /// `WouldBlock`; data that arrives before the next poll raises its own edge.
+    #[test]
+    fn data_arriving_after_a_short_read_raises_a_new_event() {
+        let mut looped = Looped::new();
+        looped.peer.write_all(&PING_FRAME).unwrap();
+        assert_eq!(looped.turn(WAIT), Some(Step::Continue));
+        // Between that short read and the next poll:
+        looped.peer.write_all(&PING_FRAME).unwrap();
+        let mut pongs = [0; 10];
+        let deadline = Instant::now() + WAIT;
+        let mut got = 0;
+        looped
+            .peer
+            .set_read_timeout(Some(Duration::from_millis(10)))
+            .unwrap();
+        while got < pongs.len() {
+            assert!(
+                Instant::now() < deadline,
+                "the second PING was never answered"
+            );
+            looped.turn(Duration::from_millis(100));
+            if let Ok(n) = looped.peer.read(&mut pongs[got..]) {
+                got += n;
+            }
+        }
+        assert_eq!(pongs, [PONG_FRAME, PONG_FRAME].concat()[..]);
+    }
+
+    /// A FIN alone (nothing sent): the event reports it, the read returns 0, the
+    /// connection closes.
+    #[test]
+    fn a_fin_alone_closes() {
+        let mut looped = Looped::new();
+        looped.peer.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(looped.until_closed(), CloseReason::PeerEof);
+    }
+
+    /// A half-close behind a thousand pipelined requests: every reply, then the close.
+    #[test]
+    fn half_close_after_pipelined_requests_gets_every_reply() {
+        let mut looped = Looped::new();
+        looped.peer.write_all(&PING_FRAME.repeat(1000)).unwrap();
+        looped.peer.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(looped.until_closed(), CloseReason::PeerEof);
+        drop(looped.conn.stream_mut().shutdown(Shutdown::Write));
+        assert_eq!(looped.peer_reads_to_eof(), PONG_FRAME.repeat(1000));
+    }
+
     /// Guards the read budget: input left in the socket when the budget is spent must come
     /// back as `Step::Again`, since edge-triggered epoll will not signal it again.
     #[test]
@@ -973,10 +1183,10 @@ mod tests {
         wait_buffered(&mut conn, pings * ping.len());
 
         let mut io = parts.io();
-        assert_eq!(conn.on_event(&mut io, true, false, false), Step::Again);
+        assert_eq!(conn.on_event(&mut io, Readiness::RETRY), Step::Again);
         // The loop's retry after `Again`: no new event, called as readable.
         let mut retries = 0;
-        while conn.on_event(&mut io, true, false, false) == Step::Again {
+        while conn.on_event(&mut io, Readiness::RETRY) == Step::Again {
             retries += 1;
             assert!(retries < 100, "never drained");
         }
@@ -1034,7 +1244,13 @@ mod tests {
         let mut parts = Parts::new(64);
         let mut io = parts.io();
         assert_eq!(
-            conn.on_event(&mut io, false, false, true),
+            conn.on_event(
+                &mut io,
+                Readiness {
+                    error: true,
+                    ..Readiness::default()
+                }
+            ),
             Step::Close(CloseReason::Reset)
         );
     }

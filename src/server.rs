@@ -22,7 +22,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::codec::Codec;
-use crate::connection::{CloseReason, Connection, Io, Step, READ_CHUNK};
+use crate::connection::{CloseReason, Connection, Io, Readiness, Step, READ_CHUNK};
 use crate::connections::Registry;
 use crate::deferred::{Deferrals, Inbox};
 use crate::leak::{self, EofPolicy};
@@ -522,7 +522,7 @@ impl<S: Service> Worker<S> {
             }
             let now = Instant::now();
             for token in std::mem::take(&mut self.again) {
-                self.drive(token, now, |conn, io| conn.on_event(io, true, false, false));
+                self.drive(token, now, |conn, io| conn.on_event(io, Readiness::RETRY));
             }
             for event in events.iter() {
                 match event.token() {
@@ -533,11 +533,13 @@ impl<S: Service> Worker<S> {
                     token => {
                         // A read-closed hint is read like readable: only a read returning 0
                         // proves the FIN, and data may arrive with it.
-                        let readable = event.is_readable() || event.is_read_closed();
-                        let (writable, error) = (event.is_writable(), event.is_error());
-                        self.drive(token, now, |conn, io| {
-                            conn.on_event(io, readable, writable, error)
-                        });
+                        let ready = Readiness {
+                            readable: event.is_readable() || event.is_read_closed(),
+                            read_closed: event.is_read_closed(),
+                            writable: event.is_writable(),
+                            error: event.is_error(),
+                        };
+                        self.drive(token, now, |conn, io| conn.on_event(io, ready));
                     }
                 }
             }

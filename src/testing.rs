@@ -26,6 +26,12 @@ pub mod procfs {
     pub use crate::procfs::*;
 }
 
+/// The fd budget closewait derives from `RLIMIT_NOFILE`, for tools that size a test to it
+/// (the load test's scale step).
+pub mod limits {
+    pub use crate::limits::{derive_budget, Budget, LimitTooLow};
+}
+
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

@@ -5,6 +5,7 @@
 mod baseline;
 mod bench;
 mod compare;
+mod limit;
 mod probe;
 mod serve;
 mod watch;
@@ -31,11 +32,21 @@ enum Command {
     Probe(probe::Args),
     /// Benchmark closewait against the tokio baseline server.
     Bench(bench::Args),
+    /// Hold as many connections as the fd limit allows against closewait and the tokio
+    /// baseline: establish, memory, latency idle and with 1 % active, release after every
+    /// peer closes (the scale figure of `bench` on its own).
+    Scale(bench::Args),
     /// Serve the wire protocol the idiomatic tokio way (the benchmark's baseline).
     BaselineServer(baseline::Args),
+    /// Serve the wire protocol with the fewest syscalls possible on raw epoll (the
+    /// benchmark's physical limit: one read per readiness, one write per batch).
+    LimitServer(limit::Args),
     /// Internal: run closewait in this process under a given RLIMIT_NOFILE.
     #[command(hide = true)]
     Serve(serve::Args),
+    /// Internal: one client process of the scale figure.
+    #[command(hide = true)]
+    ScaleClient(bench::ScaleClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +56,9 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BaselineServer(args) => baseline::run(args),
+        Command::LimitServer(args) => limit::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Scale(args) => bench::run_scale(args),
+        Command::ScaleClient(args) => bench::scale_client(args),
     }
 }

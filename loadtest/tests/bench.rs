@@ -1,7 +1,8 @@
 //! `loadtest bench --quick` runs end to end: exit 0, bench.md and bench.csv written, rows for
-//! every server, churn leaves each server's fd count where it started, and the user/kernel
-//! split of the server's CPU adds up to its total. No timing assertions: the numbers depend
-//! on the machine.
+//! every server, churn leaves each server's fd count where it started, the user/kernel
+//! split of the server's CPU adds up to its total, syscalls were counted (perf), the scale
+//! step held its connections and left no CLOSE_WAIT, and every target of issue #15 is marked.
+//! No timing assertions: the numbers depend on the machine.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,7 +32,7 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
     let (server, figure, fd_start, fd_end) =
         (col("server"), col("figure"), col("fd_start"), col("fd_end"));
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-    for name in ["closewait", "closewait-w2", "tokio-baseline"] {
+    for name in ["closewait", "closewait-w2", "limit", "tokio-baseline"] {
         for fig in [
             "ping-pong",
             "pipelined",
@@ -50,7 +51,7 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
     let (user, system) = (col("server_user_ns_per_op"), col("server_system_ns_per_op"));
     for r in rows
         .iter()
-        .filter(|r| r[figure] != "idle-memory" && r[figure] != "close-storm")
+        .filter(|r| ["ping-pong", "pipelined", "churn"].contains(&r[figure]))
     {
         let per_cpu = if r[figure] == "churn" {
             col("conns_per_server_cpu_s")
@@ -75,6 +76,50 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
             r[figure]
         );
     }
+    // A count, for every server, or the syscall targets would silently read "not measured".
+    let syscalls = col("syscalls_per_req");
+    for r in rows
+        .iter()
+        .filter(|r| r[figure] == "ping-pong" || r[figure] == "pipelined")
+    {
+        let n: f64 = r[syscalls].parse().unwrap_or_else(|_| {
+            panic!(
+                "{} {}: no syscall count (is perf installed and allowed tracepoints?): {r:?}",
+                r[server], r[figure]
+            )
+        });
+        assert!(n > 0.0, "{r:?}");
+    }
+    // Scale: closewait and the baseline, every connection held and released, no CLOSE_WAIT.
+    let (conns, close_wait) = (col("conns"), col("close_wait"));
+    for name in ["closewait", "tokio-baseline"] {
+        let r = rows
+            .iter()
+            .find(|r| r[server] == name && r[figure] == "scale")
+            .unwrap_or_else(|| panic!("no scale row for {name} in\n{csv}"));
+        assert_eq!(r[conns], "2000", "{name}: {r:?}");
+        assert_eq!(
+            r[close_wait], "0",
+            "{name}: CLOSE_WAIT left after the storm: {r:?}"
+        );
+        for key in [
+            "rss_per_held_conn",
+            "ping_p99_us",
+            "busy_ping_p99_us",
+            "release_ms",
+        ] {
+            assert!(!r[col(key)].is_empty(), "{name}: no {key}: {r:?}");
+        }
+    }
+    let targets = md
+        .split("## Targets")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no targets section in\n{md}"));
+    let marked = targets
+        .lines()
+        .filter(|l| l.ends_with("| met |") || l.ends_with("| **not met** |"))
+        .count();
+    assert_eq!(marked, 9, "every target measured and marked:\n{targets}");
     for r in rows.iter().filter(|r| r[figure] == "churn") {
         assert!(!r[fd_start].is_empty(), "churn row without fd_start: {r:?}");
         assert_eq!(

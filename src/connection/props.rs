@@ -13,7 +13,7 @@ use std::net::{Shutdown, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{CloseReason, Connection, Io, Step, READ_CHUNK};
+use super::{CloseReason, Connection, Io, Readiness, Step, READ_CHUNK};
 use crate::frame::{self, FrameError, HEADER_LEN};
 use crate::leak::EofPolicy;
 use crate::service::{Context, Reply, Service, ERROR};
@@ -237,7 +237,7 @@ proptest! {
             sent += piece.len();
             wait_buffered(&mut conn, piece.len());
             held += allocation_counter::measure(|| {
-                step = conn.on_event(&mut io, true, false, false);
+                step = conn.on_event(&mut io, Readiness::RETRY);
             })
             .bytes_current;
 
@@ -272,7 +272,7 @@ proptest! {
             prop_assert!(Instant::now() < deadline, "no close after the peer's FIN: {:?}", step);
             thread::yield_now();
             held += allocation_counter::measure(|| {
-                step = conn.on_event(&mut io, true, false, false);
+                step = conn.on_event(&mut io, Readiness::RETRY);
             })
             .bytes_current;
         }

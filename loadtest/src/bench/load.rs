@@ -120,6 +120,8 @@ struct Conn {
     out: Vec<u8>,
     /// Send times of the requests in flight (ping-pong only; empty when not timing).
     sent: VecDeque<Instant>,
+    /// Requests sent and not yet answered.
+    in_flight: usize,
 }
 
 fn frame(op: u8, data: &[u8]) -> Vec<u8> {
@@ -193,119 +195,211 @@ pub struct LoadResult {
     pub window: Window,
     /// Round-trip times in µs (ping-pong only: depth 1).
     pub rtt: Option<Histogram<u64>>,
+    /// The syscall window, if one was asked for: (syscalls the server entered, requests
+    /// completed) over the same span, counted by `perf` after the measurement window; or
+    /// why perf could not count them.
+    pub syscalls: Option<Result<(u64, u64), String>>,
 }
 
-/// Run a request/response load against `addr` (server `pid`) and measure one window.
-pub fn request_load(addr: SocketAddr, pid: u32, load: Load) -> io::Result<LoadResult> {
+/// The connections of a request/response load and the loop that keeps them busy.
+pub struct Driver {
+    poll: Poll,
+    conns: Vec<Conn>,
+    events: Events,
+    scratch: Vec<u8>,
+    request: Vec<u8>,
+    burst: Vec<u8>,
+    payload: usize,
+    timing: bool,
+    /// Send a new request for every reply (false: let the requests in flight run out).
+    refill: bool,
+}
+
+impl Driver {
+    /// Take over connected sockets and put `depth` ECHOs of `payload` bytes in flight on each
+    /// (depth 1: round trips are timed).
+    pub fn start(
+        streams: Vec<std::net::TcpStream>,
+        depth: usize,
+        payload: usize,
+    ) -> io::Result<Driver> {
+        let timing = depth == 1;
+        let request = frame(ECHO, &vec![b'x'; payload]);
+        let burst: Vec<u8> = request.repeat(depth);
+        let poll = Poll::new()?;
+        let mut conns = Vec::with_capacity(streams.len());
+        for (i, std) in streams.into_iter().enumerate() {
+            std.set_nodelay(true)?;
+            std.set_nonblocking(true)?;
+            let mut stream = TcpStream::from_std(std);
+            poll.registry().register(
+                &mut stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            conns.push(Conn {
+                stream,
+                partial: Vec::new(),
+                out: Vec::new(),
+                sent: VecDeque::with_capacity(depth),
+                in_flight: 0,
+            });
+        }
+        let start = Instant::now();
+        for conn in &mut conns {
+            if timing {
+                conn.sent.push_back(start);
+            }
+            send(conn, &burst)?;
+            conn.in_flight = depth;
+        }
+        Ok(Driver {
+            poll,
+            conns,
+            events: Events::with_capacity(1024),
+            scratch: vec![0u8; 64 * 1024],
+            request,
+            burst,
+            payload,
+            timing,
+            refill: true,
+        })
+    }
+
+    /// Stop sending and wait (at most until `until`) for every reply still owed; true when
+    /// none is left. A socket closed with unread replies would send RST instead of a FIN.
+    pub fn drain(&mut self, until: Instant) -> io::Result<bool> {
+        self.refill = false;
+        let mut ignored = Histogram::<u64>::new(1).map_err(|e| io::Error::other(e.to_string()))?;
+        self.pump(until, &mut ignored)?;
+        Ok(self.conns.iter().all(|c| c.in_flight == 0))
+    }
+
+    /// Serve replies and send new requests until `until`; returns the replies received.
+    pub fn pump(&mut self, until: Instant, rtt: &mut Histogram<u64>) -> io::Result<u64> {
+        let mut count = 0u64;
+        loop {
+            let now = Instant::now();
+            let drained = !self.refill && self.conns.iter().all(|c| c.in_flight == 0);
+            if now >= until || drained {
+                return Ok(count);
+            }
+            match self.poll.poll(&mut self.events, Some(until - now)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in self.events.iter() {
+                let Some(conn) = self.conns.get_mut(event.token().0) else {
+                    continue;
+                };
+                if event.is_writable() {
+                    flush(conn)?;
+                }
+                if !event.is_readable() {
+                    continue;
+                }
+                let replies = read_replies(conn, &mut self.scratch, self.payload)?;
+                if replies == 0 {
+                    continue;
+                }
+                count += replies as u64;
+                conn.in_flight = conn.in_flight.saturating_sub(replies);
+                if !self.refill {
+                    continue;
+                }
+                conn.in_flight += replies;
+                let now = Instant::now();
+                if self.timing {
+                    for _ in 0..replies {
+                        if let Some(sent) = conn.sent.pop_front() {
+                            let us = now.duration_since(sent).as_micros().max(1) as u64;
+                            rtt.saturating_record(us);
+                        }
+                    }
+                    for _ in 0..replies {
+                        conn.sent.push_back(now);
+                    }
+                }
+                // Keep `depth` in flight: one new request per reply, in one write.
+                let mut left = replies * self.request.len();
+                while left > 0 {
+                    let chunk = left.min(self.burst.len());
+                    send(conn, &self.burst[..chunk])?;
+                    left -= chunk;
+                }
+            }
+        }
+    }
+}
+
+/// Read until WouldBlock; count the complete ECHO replies, keep a partial one.
+fn read_replies(conn: &mut Conn, scratch: &mut [u8], payload: usize) -> io::Result<usize> {
+    let mut replies = 0usize;
+    loop {
+        let n = match conn.stream.read(scratch) {
+            Ok(0) => return Err(io::Error::other("the server closed a connection")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(replies),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if conn.partial.is_empty() {
+            // Fast path: parse straight from the scratch buffer.
+            let (r, used) = parse_replies(&scratch[..n], payload)?;
+            replies += r;
+            conn.partial.extend_from_slice(&scratch[used..n]);
+        } else {
+            conn.partial.extend_from_slice(&scratch[..n]);
+            let (r, used) = parse_replies(&conn.partial, payload)?;
+            replies += r;
+            conn.partial.drain(..used);
+        }
+    }
+}
+
+/// Run a request/response load against `addr` (server `pid`) and measure one window; then,
+/// with `syscall_window`, keep the same load going for that long with the server's syscalls
+/// counted (see [`super::syscalls`]).
+pub fn request_load(
+    addr: SocketAddr,
+    pid: u32,
+    load: Load,
+    syscall_window: Option<Duration>,
+) -> io::Result<LoadResult> {
     let timing = load.depth == 1;
-    let request = frame(ECHO, &vec![b'x'; load.payload]);
-    let burst: Vec<u8> = request.repeat(load.depth);
-    let mut poll = Poll::new()?;
-    let mut conns = Vec::with_capacity(load.conns);
-    for i in 0..load.conns {
-        let std = std::net::TcpStream::connect(addr)?;
-        std.set_nodelay(true)?;
-        std.set_nonblocking(true)?;
-        let mut stream = TcpStream::from_std(std);
-        poll.registry().register(
-            &mut stream,
-            Token(i),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        conns.push(Conn {
-            stream,
-            partial: Vec::new(),
-            out: Vec::new(),
-            sent: VecDeque::with_capacity(load.depth),
-        });
+    let mut streams = Vec::with_capacity(load.conns);
+    for _ in 0..load.conns {
+        streams.push(std::net::TcpStream::connect(addr)?);
     }
     let mut rtt = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
         .map_err(|e| io::Error::other(format!("histogram: {e}")))?;
     let mut clock = Clock::new(pid, load.warmup, load.measure);
-    let start = Instant::now();
-    for conn in &mut conns {
-        if timing {
-            conn.sent.push_back(start);
-        }
-        send(conn, &burst)?;
-    }
-    let mut scratch = vec![0u8; 64 * 1024];
-    let mut events = Events::with_capacity(1024);
-    let mut count = 0u64;
-    loop {
-        let now = Instant::now();
-        if clock.tick(now)? {
-            count = 0;
-            rtt.reset();
-        }
-        if clock.done(now) {
-            break;
-        }
-        match poll.poll(&mut events, Some(clock.timeout(now))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-        for event in events.iter() {
-            let Some(conn) = conns.get_mut(event.token().0) else {
-                continue;
-            };
-            if event.is_writable() {
-                flush(conn)?;
-            }
-            if !event.is_readable() {
-                continue;
-            }
-            let mut replies = 0usize;
-            loop {
-                let n = match conn.stream.read(&mut scratch) {
-                    Ok(0) => return Err(io::Error::other("the server closed a connection")),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
-                if conn.partial.is_empty() {
-                    // Fast path: parse straight from the scratch buffer.
-                    let (r, used) = parse_replies(&scratch[..n], load.payload)?;
-                    replies += r;
-                    conn.partial.extend_from_slice(&scratch[used..n]);
-                } else {
-                    conn.partial.extend_from_slice(&scratch[..n]);
-                    let (r, used) = parse_replies(&conn.partial, load.payload)?;
-                    replies += r;
-                    conn.partial.drain(..used);
-                }
-            }
-            if replies == 0 {
-                continue;
-            }
-            count += replies as u64;
-            let now = Instant::now();
-            if timing {
-                for _ in 0..replies {
-                    if let Some(sent) = conn.sent.pop_front() {
-                        let us = now.duration_since(sent).as_micros().max(1) as u64;
-                        rtt.saturating_record(us);
-                    }
-                }
-                for _ in 0..replies {
-                    conn.sent.push_back(now);
-                }
-            }
-            // Keep `depth` in flight: one new request per reply, in one write.
-            let mut left = replies * request.len();
-            while left > 0 {
-                let chunk = left.min(burst.len());
-                send(conn, &burst[..chunk])?;
-                left -= chunk;
-            }
-        }
-    }
+    let mut driver = Driver::start(streams, load.depth, load.payload)?;
+    driver.pump(clock.begin, &mut rtt)?;
+    clock.tick(Instant::now())?;
+    rtt.reset();
+    let count = driver.pump(clock.end, &mut rtt)?;
     let window = clock.finish(count)?;
+    let syscalls = match syscall_window {
+        None => None,
+        Some(span) => {
+            let mut ignored = rtt.clone();
+            let mut count = || -> io::Result<(u64, u64)> {
+                let mut perf = super::syscalls::Perf::attach(pid)?;
+                // The load keeps going while perf starts: the server stays in its steady state.
+                driver.pump(Instant::now() + Duration::from_millis(100), &mut ignored)?;
+                perf.enable()?;
+                let requests = driver.pump(Instant::now() + span, &mut ignored)?;
+                Ok((perf.finish()?, requests))
+            };
+            Some(count().map_err(|e| e.to_string()))
+        }
+    };
     Ok(LoadResult {
         window,
         rtt: timing.then_some(rtt),
+        syscalls,
     })
 }
 

@@ -66,6 +66,24 @@ pub const COLUMNS: &[&str] = &[
     "errors",
     "fd_start",
     "fd_end",
+    "syscalls_per_req",
+    "conns",
+    "client_procs",
+    "source_addrs",
+    "establish_s",
+    "establish_per_s",
+    "rss_per_held_conn",
+    "slab_per_socket",
+    "ping_p50_us",
+    "ping_p99_us",
+    "ping_max_us",
+    "active_req_per_s",
+    "busy_ping_p50_us",
+    "busy_ping_p99_us",
+    "busy_ping_max_us",
+    "release_ms",
+    "fd_read_ms",
+    "peer_close_ms",
 ];
 
 /// What the table shows: figure, column, label.
@@ -97,6 +115,11 @@ const TABLE: &[(Figure, &str, &str)] = &[
         Figure::PingPong,
         "server_system_ns_per_op",
         "server CPU in the kernel per request, ns (lower is better)",
+    ),
+    (
+        Figure::PingPong,
+        "syscalls_per_req",
+        "server syscalls per request (perf count; lower is better)",
     ),
     (
         Figure::PingPong,
@@ -132,6 +155,11 @@ const TABLE: &[(Figure, &str, &str)] = &[
         Figure::Pipelined,
         "server_system_ns_per_op",
         "server CPU in the kernel per request, ns (lower is better)",
+    ),
+    (
+        Figure::Pipelined,
+        "syscalls_per_req",
+        "server syscalls per request (perf count; lower is better)",
     ),
     (
         Figure::Pipelined,
@@ -202,6 +230,85 @@ const TABLE: &[(Figure, &str, &str)] = &[
     ),
     (Figure::Churn, "fd_start", "server fds before"),
     (Figure::Churn, "fd_end", "server fds after (settled)"),
+    (Figure::Scale, "conns", "connections held"),
+    (Figure::Scale, "client_procs", "client processes"),
+    (Figure::Scale, "source_addrs", "client source addresses"),
+    (
+        Figure::Scale,
+        "establish_per_s",
+        "connections/s establishing all (higher is better)",
+    ),
+    (Figure::Scale, "establish_s", "time to establish all, s"),
+    (
+        Figure::Scale,
+        "rss_per_held_conn",
+        "RSS per held connection, bytes (lower is better)",
+    ),
+    (
+        Figure::Scale,
+        "slab_per_socket",
+        "kernel slab per socket (ΔSlab ÷ 2N, both ends), bytes",
+    ),
+    (
+        Figure::Scale,
+        "ping_p50_us",
+        "PING RTT p50 with all held, µs",
+    ),
+    (
+        Figure::Scale,
+        "ping_p99_us",
+        "PING RTT p99 with all held, µs",
+    ),
+    (
+        Figure::Scale,
+        "ping_max_us",
+        "PING RTT max with all held, µs",
+    ),
+    (
+        Figure::Scale,
+        "active_req_per_s",
+        "1 % active: pipelined ECHO requests/s",
+    ),
+    (
+        Figure::Scale,
+        "busy_ping_p50_us",
+        "1 % active: PING RTT p50 on idle ones, µs",
+    ),
+    (
+        Figure::Scale,
+        "busy_ping_p99_us",
+        "1 % active: PING RTT p99 on idle ones, µs",
+    ),
+    (
+        Figure::Scale,
+        "busy_ping_max_us",
+        "1 % active: PING RTT max on idle ones, µs",
+    ),
+    (
+        Figure::Scale,
+        "peer_close_ms",
+        "all peers close: the slowest client's close() of its share, ms",
+    ),
+    (
+        Figure::Scale,
+        "release_ms",
+        "all peers close → server fds back to start, ms (lower is better)",
+    ),
+    (
+        Figure::Scale,
+        "fd_read_ms",
+        "resolution: one read of /proc/PID/fd with all held, ms",
+    ),
+    (
+        Figure::Scale,
+        "close_wait",
+        "server CLOSE_WAIT sockets after the release",
+    ),
+    (
+        Figure::Scale,
+        "other_cpu_cores",
+        "other CPU (not server, generator or clients), cores busy",
+    ),
 ];
 
 /// Columns whose ratio means nothing (counts and context, not performance).
@@ -212,6 +319,11 @@ const NO_RATIO: &[&str] = &[
     "close_wait",
     "fd_start",
     "fd_end",
+    "conns",
+    "client_procs",
+    "source_addrs",
+    "fd_read_ms",
+    "peer_close_ms",
 ];
 
 /// The machine the numbers come from.
@@ -278,6 +390,103 @@ fn median_of(rows: &[Row], figure: Figure, server: Kind, key: &str) -> Option<f6
     )
 }
 
+/// The median over runs of `k ÷ against` within each run (the servers of one run ran minutes
+/// apart at most, so machine drift between runs cancels out).
+fn ratio_of(
+    rows: &[Row],
+    runs: u32,
+    figure: Figure,
+    key: &str,
+    k: Kind,
+    against: Kind,
+) -> Option<f64> {
+    let per_run: Vec<f64> = (1..=runs)
+        .filter_map(|run| {
+            let at = |kind: Kind| {
+                rows.iter()
+                    .find(|r| r.run == run && r.figure == figure && r.server == kind)
+                    .and_then(|r| r.get(key))
+            };
+            match (at(k), at(against)) {
+                (Some(v), Some(b)) if b != 0.0 => Some(v / b),
+                _ => None,
+            }
+        })
+        .collect();
+    median(per_run)
+}
+
+/// The targets of issue #15, each marked met, not met, or not measured.
+fn targets(rows: &[Row], runs: u32) -> String {
+    use Figure::{PingPong, Pipelined, Scale};
+    use Kind::{Baseline, Closewait, Limit};
+    let r = |f, key, against| ratio_of(rows, runs, f, key, Closewait, against);
+    let v = |f, key| median_of(rows, f, Closewait, key);
+    let at_least = |x: Option<f64>, min: f64| x.map(|x| (x, x >= min));
+    let at_most = |x: Option<f64>, max: f64| x.map(|x| (x, x <= max));
+    // (target, closewait's value and whether it meets it, unit)
+    type Target = (&'static str, Option<(f64, bool)>, &'static str);
+    let targets: Vec<Target> = vec![
+        (
+            "ping-pong requests per server CPU-second ≥ 0.98 × limit",
+            at_least(r(PingPong, "req_per_server_cpu_s", Limit), 0.98),
+            "×",
+        ),
+        (
+            "pipelined requests per server CPU-second ≥ 0.98 × limit",
+            at_least(r(Pipelined, "req_per_server_cpu_s", Limit), 0.98),
+            "×",
+        ),
+        (
+            "ping-pong syscalls per request ≤ 2.05",
+            at_most(v(PingPong, "syscalls_per_req"), 2.05),
+            "",
+        ),
+        (
+            "pipelined requests/s ≥ 1.1 × tokio",
+            at_least(r(Pipelined, "req_per_s", Baseline), 1.1),
+            "×",
+        ),
+        (
+            "ping-pong RTT p99 no worse than limit (ratio ≤ 1)",
+            at_most(r(PingPong, "p99_us", Limit), 1.0),
+            "×",
+        ),
+        (
+            "ping-pong RTT p99 no worse than tokio (ratio ≤ 1)",
+            at_most(r(PingPong, "p99_us", Baseline), 1.0),
+            "×",
+        ),
+        (
+            "all held: RSS per connection ≤ 200 B",
+            at_most(v(Scale, "rss_per_held_conn"), 200.0),
+            " B",
+        ),
+        (
+            "all held: PING p99 ≤ 1 ms",
+            at_most(v(Scale, "ping_p99_us"), 1000.0),
+            " µs",
+        ),
+        (
+            "all peers close: release no slower than tokio (ratio ≤ 1)",
+            at_most(r(Scale, "release_ms", Baseline), 1.0),
+            "×",
+        ),
+    ];
+    let mut md = String::from(
+        "\n## Targets (issue #15; closewait's medians, ratios as in the table)\n\n| target | closewait | result |\n|---|--:|---|\n",
+    );
+    for (name, got, unit) in targets {
+        let (value, verdict) = match got {
+            Some((x, true)) => (format!("{}{unit}", fmt_value(x)), "met"),
+            Some((x, false)) => (format!("{}{unit}", fmt_value(x)), "**not met**"),
+            None => ("–".to_string(), "not measured"),
+        };
+        let _ = writeln!(md, "| {name} | {value} | {verdict} |");
+    }
+    md
+}
+
 /// Render bench.md and bench.csv.
 pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (String, String) {
     let runs = rows.iter().map(|r| r.run).max().unwrap_or(0);
@@ -293,14 +502,18 @@ pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (St
     let _ = writeln!(
         md,
         "Medians over {runs} run(s); every figure against a freshly started server; loopback only. \
-         Ratios are closewait ÷ tokio-baseline within each run, median over runs (for times and bytes, below 1 is better).\n"
+         Ratios are taken within each run (closewait ÷ limit, closewait ÷ tokio-baseline, closewait-w2 ÷ tokio-baseline), median over runs (for times and bytes, below 1 is better). \
+         The limit server (`loadtest limit-server`) is the fewest syscalls a request can cost on epoll, not a competitor.\n"
     );
     let noisy: Vec<String> = rows
         .iter()
         .filter(|r| r.get("other_cpu_cores").is_some_and(|v| v > 0.2))
         .map(|r| format!("run {} {} {}", r.run, r.server.name(), r.figure.name()))
         .collect();
-    if noisy.is_empty() {
+    let measured = rows.iter().any(|r| r.get("other_cpu_cores").is_some());
+    if !measured {
+        let _ = writeln!(md, "Quietness not measured: no timed window in this run.\n");
+    } else if noisy.is_empty() {
         let _ = writeln!(
             md,
             "Quiet machine: in every timed window, CPU not charged to the server or the generator \
@@ -317,48 +530,43 @@ pub fn render(rows: &[Row], machine: &Machine, plan: &str, command: &str) -> (St
     }
     let _ = writeln!(
         md,
-        "| figure | metric | closewait | closewait-w2 | tokio-baseline | closewait ÷ tokio | closewait-w2 ÷ tokio |"
+        "| figure | metric | closewait | closewait-w2 | limit | tokio-baseline | closewait ÷ limit | closewait ÷ tokio | closewait-w2 ÷ tokio |"
     );
-    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|");
+    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
     for &(figure, key, label) in TABLE {
+        // `loadtest scale` measures one figure: leave out the others' empty rows.
+        if !rows.iter().any(|r| r.figure == figure) {
+            continue;
+        }
         let cells: Vec<Option<f64>> = Kind::ALL
             .iter()
             .map(|&k| median_of(rows, figure, k, key))
             .collect();
         // Ratio: the median over runs of the ratio within each run (the servers of one run ran
         // minutes apart at most, so machine drift between runs cancels out).
-        let ratio = |k: Kind| {
+        let ratio = |k: Kind, against: Kind| {
             if NO_RATIO.contains(&key) {
                 return "–".to_string();
             }
-            let per_run: Vec<f64> = (1..=runs)
-                .filter_map(|run| {
-                    let at = |kind: Kind| {
-                        rows.iter()
-                            .find(|r| r.run == run && r.figure == figure && r.server == kind)
-                            .and_then(|r| r.get(key))
-                    };
-                    match (at(k), at(Kind::Baseline)) {
-                        (Some(v), Some(b)) if b != 0.0 => Some(v / b),
-                        _ => None,
-                    }
-                })
-                .collect();
-            median(per_run).map_or_else(|| "–".to_string(), |r| format!("{r:.2}"))
+            ratio_of(rows, runs, figure, key, k, against)
+                .map_or_else(|| "–".to_string(), |r| format!("{r:.2}"))
         };
         let show = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt_value);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             figure.name(),
             label,
             show(cells[0]),
             show(cells[1]),
             show(cells[2]),
-            ratio(Kind::Closewait),
-            ratio(Kind::Closewait2),
+            show(cells[3]),
+            ratio(Kind::Closewait, Kind::Limit),
+            ratio(Kind::Closewait, Kind::Baseline),
+            ratio(Kind::Closewait2, Kind::Baseline),
         );
     }
+    md.push_str(&targets(rows, runs));
     let mut csv = String::from("run,server,figure");
     for c in COLUMNS {
         csv.push(',');
@@ -446,7 +654,7 @@ mod tests {
         let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
         let line = table_line(&md, "requests/s");
         assert_eq!(
-            line, "| ping-pong | requests/s (higher is better) | 20 | – | 20 | 1.50 | – |",
+            line, "| ping-pong | requests/s (higher is better) | 20 | – | – | 20 | – | 1.50 | – |",
             "medians 20 and 20, ratio median of 1.5, 1.5, 1.0; a server without rows shows –"
         );
     }
@@ -459,7 +667,10 @@ mod tests {
         ];
         let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
         let line = table_line(&md, "generator CPU");
-        assert!(line.ends_with("| 0.900 | – | 0.950 | – | – |"), "{line}");
+        assert!(
+            line.ends_with("| 0.900 | – | – | 0.950 | – | – | – |"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -470,7 +681,29 @@ mod tests {
         ];
         let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
         let line = table_line(&md, "RTT p99");
-        assert!(line.ends_with("| – | – |"), "{line}");
+        assert!(line.ends_with("| – | – | – |"), "{line}");
+    }
+
+    #[test]
+    fn every_target_is_marked_met_not_met_or_not_measured() {
+        let rows = vec![
+            row(
+                1,
+                Kind::Closewait,
+                vec![("req_per_server_cpu_s", 99.0), ("syscalls_per_req", 3.0)],
+            ),
+            row(1, Kind::Limit, vec![("req_per_server_cpu_s", 100.0)]),
+        ];
+        let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
+        let line = |name: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| {name}")))
+                .unwrap_or_else(|| panic!("no target {name:?} in\n{md}"))
+                .to_string()
+        };
+        assert!(line("ping-pong requests per server CPU-second").ends_with("| 0.990× | met |"));
+        assert!(line("ping-pong syscalls per request").ends_with("| 3 | **not met** |"));
+        assert!(line("all held: PING p99").ends_with("| – | not measured |"));
     }
 
     #[test]

@@ -18,19 +18,27 @@ pub enum Kind {
     Closewait,
     /// closewait --workers 2.
     Closewait2,
+    /// The physical limit: raw epoll, one read per readiness (`loadtest limit-server`).
+    Limit,
     /// The tokio baseline (`loadtest baseline-server`).
     Baseline,
 }
 
 impl Kind {
     /// Every server, in the order a run visits them (rotated run by run).
-    pub const ALL: [Kind; 3] = [Kind::Closewait, Kind::Closewait2, Kind::Baseline];
+    pub const ALL: [Kind; 4] = [
+        Kind::Closewait,
+        Kind::Closewait2,
+        Kind::Limit,
+        Kind::Baseline,
+    ];
 
     /// Name used in the table and the CSV.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Closewait => "closewait",
             Kind::Closewait2 => "closewait-w2",
+            Kind::Limit => "limit",
             Kind::Baseline => "tokio-baseline",
         }
     }
@@ -51,6 +59,17 @@ pub struct Server {
 impl Server {
     /// Start `kind` pinned to `cpu` (None: unpinned), stderr appended to `log`.
     pub fn start(kind: Kind, cpu: Option<usize>, log: &Path) -> io::Result<Server> {
+        Server::start_with_nofile(kind, cpu, log, SERVER_NOFILE)
+    }
+
+    /// [`Server::start`] with closewait under RLIMIT_NOFILE `nofile` (the others raise their
+    /// soft limit to the hard one themselves).
+    pub fn start_with_nofile(
+        kind: Kind,
+        cpu: Option<usize>,
+        log: &Path,
+        nofile: u64,
+    ) -> io::Result<Server> {
         let exe = std::env::current_exe()?;
         let mut cmd = match cpu {
             Some(cpu) => {
@@ -62,11 +81,14 @@ impl Server {
         };
         match kind {
             Kind::Closewait | Kind::Closewait2 => {
-                cmd.args(["serve", "--nofile", &SERVER_NOFILE.to_string(), "--"]);
+                cmd.args(["serve", "--nofile", &nofile.to_string(), "--"]);
                 cmd.args(["--listen", "127.0.0.1:0"]);
                 if kind == Kind::Closewait2 {
                     cmd.args(["--workers", "2"]);
                 }
+            }
+            Kind::Limit => {
+                cmd.args(["limit-server", "--listen", "127.0.0.1:0"]);
             }
             Kind::Baseline => {
                 cmd.args(["baseline-server", "--listen", "127.0.0.1:0"]);
@@ -133,6 +155,22 @@ impl Drop for Server {
     }
 }
 
+/// The lines `source` produces, read on a thread of their own: the receiver can wait with a
+/// timeout (`recv_timeout`), so a silent process costs a timeout, not a hang. The thread ends
+/// at EOF or when the receiver is dropped and the next line arrives.
+pub fn lines_of(source: impl io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(source).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// SIGTERM, wait up to 5 s, then SIGKILL; always reaps the child.
 fn stop(child: &mut Child) {
     if matches!(child.try_wait(), Ok(Some(_))) {
@@ -152,7 +190,7 @@ fn stop(child: &mut Child) {
 
 /// Have the kernel SIGKILL the server if the bench dies without stopping it (e.g. killed by a
 /// signal, when no destructor runs). `taskset` execs the server, which keeps the setting.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // calls are allowed; prctl(2) is a plain syscall and the closure allocates nothing.
