@@ -360,7 +360,11 @@ impl<T> Connection<T> {
     }
 
     /// Handle a readiness event (or a retry after [`Step::Again`]).
-    pub fn on_event<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>, ready: Readiness) -> Step {
+    pub fn on_event<S: Service<Session = T>>(
+        &mut self,
+        io: &mut Io<'_, S>,
+        ready: Readiness,
+    ) -> Step {
         let Readiness {
             readable,
             writable,

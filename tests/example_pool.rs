@@ -8,6 +8,7 @@
 mod pool;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use closewait::deferred::DROPPED;
 use closewait::service::{ECHO, ECHO_REPLY, ERROR, PING, PING_REPLY};
@@ -79,7 +80,7 @@ fn a_connection_waits_for_at_most_max_deferred_requests_before_it_is_read_again(
     // One pool thread, busy with the first request: nothing completes while the rest arrive.
     let (server, counters) = start(1);
     let mut client = server.connect();
-    client.send(SLEEP, &sleep(500, b"0"));
+    client.send(SLEEP, &sleep(1500, b"0"));
     for i in 1..MAX_WAITING as u64 {
         assert!(
             wait_until(WAIT, || counters.jobs.get() == i),
@@ -88,18 +89,24 @@ fn a_connection_waits_for_at_most_max_deferred_requests_before_it_is_read_again(
         client.send(SLEEP, &sleep(0, &[b'0' + i as u8]));
     }
     assert!(wait_until(WAIT, || counters.jobs.get() == MAX_WAITING as u64));
-    // At the bound: these stay in the socket until the pool answers.
+    // At the bound: these stay in the socket while the first request is worked on (a
+    // bounded wait, well inside its 1.5 s: a negative cannot be awaited).
     for i in MAX_WAITING..MAX_WAITING + 3 {
         client.send(SLEEP, &sleep(0, &[b'0' + i as u8]));
     }
+    let read_too_soon = wait_until(Duration::from_millis(300), || {
+        counters.jobs.get() > MAX_WAITING as u64
+    });
+    assert!(
+        !read_too_soon,
+        "read past the bound: {} requests deferred",
+        counters.jobs.get()
+    );
+    // Then the pool answers, the connection is read again, and every reply comes in order.
     for i in 0..MAX_WAITING + 3 {
         assert_eq!(client.recv(), Some((SLEEP_REPLY, vec![b'0' + i as u8])));
     }
-    assert_eq!(
-        counters.peak.get(),
-        MAX_WAITING as u64,
-        "requests waiting at once"
-    );
+    assert_eq!(counters.jobs.get(), MAX_WAITING as u64 + 3);
 }
 
 #[test]
@@ -110,7 +117,7 @@ fn a_reply_completed_after_its_connection_closed_goes_nowhere() {
     assert!(wait_until(WAIT, || counters.jobs.get() == 1));
     // A reset closes the connection at once, with its request still in the pool.
     socket2::SockRef::from(&gone.stream)
-        .set_linger(Some(std::time::Duration::ZERO))
+        .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(gone);
     let stats = server.handle().stats();

@@ -14,8 +14,8 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use closewait::testing::procfs;
 use closewait::service::{PING, PING_REPLY};
+use closewait::testing::procfs;
 use hdrhistogram::Histogram;
 
 use super::load::Driver;
