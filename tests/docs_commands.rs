@@ -728,6 +728,16 @@ fn commands_that_need_a_machine_of_their_own_are_listed_not_run() {
         "no cargo inside cargo test; .ci/docs-commands runs it as written",
     );
     template.not_run(
+        "cargo run --release --example auth",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written, and the example \
+         binary is run by template_snippet_talks_to_the_auth_example",
+    );
+    template.not_run(
+        "cargo run --release --example pool",
+        "no cargo inside cargo test; .ci/docs-commands runs it as written, and the example \
+         binary is run by template_snippet_talks_to_the_pool_example",
+    );
+    template.not_run(
         "redis-cli -p 7878 SET greeting hello",
         ".ci/docs-commands runs them against the resp example as written; \
          tests/example_resp.rs runs the same clients in-process",
