@@ -255,7 +255,8 @@ impl Deferrals {
         if queue.serial != done.serial {
             return None; // a stale handle: its connection closed, the slot was reused
         }
-        let slot = queue.slots.get_mut((done.id - queue.first) as usize)?;
+        let index = done.id.checked_sub(queue.first)?;
+        let slot = queue.slots.get_mut(usize::try_from(index).ok()?)?;
         debug_assert!(matches!(slot, Slot::Waiting), "completed twice");
         *slot = Slot::Ready(done.bytes);
         queue.waiting -= 1;
