@@ -460,11 +460,13 @@ impl<T> Connection<T> {
     /// (a peer that does not read is why they piled up); a peer that only sent a partial frame
     /// gets an ERROR frame saying why, then a lingering close.
     pub fn evict<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>, budget: usize) -> Step {
-        let held = self.buffered();
+        let behind = io.deferrals.held(io.token);
+        let held = self.buffered() + behind;
         if io.warn.allow() {
             log::warn!(
-                "{}: closing: holds {held} bytes (partial frame {}, unsent replies {}) and all \
-                 connections together passed the memory budget of {budget} bytes{}",
+                "{}: closing: holds {held} bytes (partial frame {}, unsent replies {}, replies \
+                 behind a deferred request {behind}) and all connections together passed the \
+                 memory budget of {budget} bytes{}",
                 self.peer,
                 self.partial.capacity(),
                 self.pending.len() - self.sent,
@@ -472,7 +474,11 @@ impl<T> Connection<T> {
             );
         }
         self.partial = Vec::new();
-        if self.has_pending_output() {
+        if behind > 0 {
+            // Replies held for order are unsent replies too: drop them with the rest.
+            io.deferrals.forget(io.token);
+        }
+        if self.has_pending_output() || behind > 0 {
             self.pending = Vec::new();
             self.sent = 0;
             // SO_LINGER 0: close sends RST and frees the kernel's copy of the output too.

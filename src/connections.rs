@@ -142,12 +142,13 @@ impl<T> Registry<T> {
         self.linger.as_mut()?.pop_expired(now).map(Token)
     }
 
-    /// The connection holding the most memory (partial frame and pending replies), if any
-    /// holds some. A scan, but it only runs when the memory budget is exceeded.
-    pub fn largest_holder(&self) -> Option<(Token, usize)> {
+    /// The connection holding the most memory (partial frame and pending replies, plus
+    /// `elsewhere`: what the loop holds for it, such as replies behind a deferred request),
+    /// if any holds some. A scan, but it only runs when the memory budget is exceeded.
+    pub fn largest_holder(&self, elsewhere: impl Fn(Token) -> usize) -> Option<(Token, usize)> {
         self.slab
             .iter()
-            .map(|(key, conn)| (Token(key), conn.buffered()))
+            .map(|(key, conn)| (Token(key), conn.buffered() + elsewhere(Token(key))))
             .filter(|&(_, held)| held > 0)
             .max_by_key(|&(_, held)| held)
     }

@@ -70,7 +70,7 @@ impl Inbox {
 /// A reply made on another thread, for slot `id` of queue `serial` of connection `token`.
 #[derive(Debug)]
 pub(crate) struct Completion {
-    token: Token,
+    pub(crate) token: Token,
     serial: u64,
     id: u64,
     bytes: Vec<u8>,
@@ -194,6 +194,31 @@ impl Deferrals {
                     })
                     .sum::<usize>()
                     >= max_bytes
+        })
+    }
+
+    /// Bytes of replies `token` holds behind a waiting request (allocated capacity), for the
+    /// memory budget. The common case (no connection deferring) is one length test.
+    #[inline]
+    pub(crate) fn held(&self, token: Token) -> usize {
+        if self.queues.is_empty() {
+            0
+        } else {
+            self.held_slow(token)
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn held_slow(&self, token: Token) -> usize {
+        self.queues.get(&token).map_or(0, |q| {
+            q.slots
+                .iter()
+                .map(|s| match s {
+                    Slot::Ready(b) => b.capacity(),
+                    Slot::Waiting => 0,
+                })
+                .sum()
         })
     }
 

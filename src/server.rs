@@ -621,7 +621,7 @@ impl<S: Service> Worker<S> {
         let Some(conn) = self.registry.get_mut(token) else {
             return; // closed earlier: a stale event (mio #219), nothing to do
         };
-        let held_before = conn.buffered();
+        let held_before = conn.buffered() + self.deferrals.held(token);
         let mut io = Io {
             input: &mut self.input,
             output: &mut self.output,
@@ -638,22 +638,14 @@ impl<S: Service> Worker<S> {
             token,
         };
         let step = f(conn, &mut io);
-        let held_after = conn.buffered();
+        let held_after = conn.buffered() + self.deferrals.held(token);
         let progressed = conn.take_progress();
         let (began, in_frame) = (conn.take_frame_began(), conn.in_frame());
         if progressed {
             self.registry.touch(token, now);
         }
         self.registry.track_frame(token, began, in_frame, now);
-        if held_before != held_after {
-            self.memory.record(held_before, held_after);
-            let stats = &self.shared.stats;
-            if held_after > held_before {
-                stats.add(Counter::BufferedBytes, (held_after - held_before) as u64);
-            } else {
-                stats.sub(Counter::BufferedBytes, (held_before - held_after) as u64);
-            }
-        }
+        self.account(held_before, held_after);
         match step {
             Step::Continue => {}
             Step::Again => self.again.push(token),
@@ -667,6 +659,20 @@ impl<S: Service> Worker<S> {
         }
     }
 
+    /// A connection went from holding `before` to `after` bytes: the budget and the gauge.
+    #[inline]
+    fn account(&mut self, before: usize, after: usize) {
+        if before != after {
+            self.memory.record(before, after);
+            let stats = &self.shared.stats;
+            if after > before {
+                stats.add(Counter::BufferedBytes, (after - before) as u64);
+            } else {
+                stats.sub(Counter::BufferedBytes, (before - after) as u64);
+            }
+        }
+    }
+
     /// Deferred replies completed on other threads: put what is now in request order into
     /// its connection's output and flush it (this is where deferred replies enter the loop).
     /// Out of line: a service that never defers never gets here.
@@ -676,7 +682,14 @@ impl<S: Service> Worker<S> {
         let mut released = Vec::new();
         for done in self.shared.inboxes[self.index].take() {
             released.clear();
-            if let Some(token) = self.deferrals.apply(done, &mut released) {
+            // Replies released from the queue leave its account here; the connection's
+            // output, where they go, is accounted by `drive`.
+            let token = done.token;
+            let held_before = self.deferrals.held(token);
+            let applied = self.deferrals.apply(done, &mut released);
+            let held_after = self.deferrals.held(token);
+            self.account(held_before, held_after);
+            if let Some(token) = applied {
                 let replies = std::mem::take(&mut released);
                 self.drive(token, now, |conn, io| conn.on_deferred(io, &replies));
                 released = replies;
@@ -689,7 +702,9 @@ impl<S: Service> Worker<S> {
     fn enforce_memory_budget(&mut self, now: Instant) {
         let limit = self.memory.limit();
         while self.memory.is_exceeded() {
-            let Some((victim, _)) = self.registry.largest_holder() else {
+            let deferrals = &self.deferrals;
+            let Some((victim, _)) = self.registry.largest_holder(|token| deferrals.held(token))
+            else {
                 return;
             };
             self.drive_one(victim, now, |conn, io| conn.evict(io, limit));
@@ -715,7 +730,7 @@ impl<S: Service> Worker<S> {
                 }
                 None => trigger,
             };
-            let held = conn.buffered();
+            let held = conn.buffered() + self.deferrals.held(token);
             if held > 0 {
                 self.memory.record(held, 0);
                 stats.sub(Counter::BufferedBytes, held as u64);

@@ -19,6 +19,11 @@ use pool::{PoolCounters, Slow, ThreadPool, LOST, MAX_WAITING, SLEEP, SLEEP_REPLY
 
 /// The pool service with `threads` pool threads, on 127.0.0.1:0.
 fn start(threads: usize) -> (TestServer, PoolCounters) {
+    start_with(threads, Config::default())
+}
+
+/// [`start`] with a configuration of the test's own.
+fn start_with(threads: usize, config: Config) -> (TestServer, PoolCounters) {
     let counters = PoolCounters::default();
     let pool = ThreadPool::new(threads, counters.clone());
     let make = {
@@ -30,7 +35,7 @@ fn start(threads: usize) -> (TestServer, PoolCounters) {
     };
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
+        ..config
     };
     let server = Server::with_service(config, make).expect("bind");
     (TestServer::run(counters.register(server)), counters)
@@ -154,4 +159,54 @@ fn shutdown_waits_for_deferred_replies() {
     assert_eq!(client.recv(), Some((SLEEP_REPLY, b"finished".to_vec())));
     assert_eq!(client.recv(), None);
     server.stop().expect("a clean stop");
+}
+
+/// Replies held behind a waiting deferred request are memory the peer makes the server hold,
+/// so they count against the memory budget: a peer that parks one slow request and pipelines
+/// large ECHOs behind it is evicted (its held replies dropped, an abortive close), and an
+/// honest client is untouched.
+#[test]
+fn replies_held_behind_a_deferred_request_count_against_the_memory_budget() {
+    let budget = 512 * 1024;
+    let (server, counters) = start_with(
+        1,
+        Config {
+            max_buffered: Some(budget),
+            ..Config::default()
+        },
+    );
+    let stats = server.handle().stats();
+    let mut honest = server.connect();
+    let mut hoarder = server.connect();
+    hoarder.send(SLEEP, &sleep(3000, b"slow"));
+    assert!(wait_until(WAIT, || counters.jobs.get() == 1));
+    let echo = frame(ECHO, &[9; 64 * 1024]);
+    // 16 replies of 64 KiB (1 MiB) held behind the sleeping request: past the budget. The
+    // writes may fail once the server has reset the connection.
+    let mut writer = hoarder.stream.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        for _ in 0..16 {
+            if std::io::Write::write_all(&mut writer, &echo).is_err() {
+                break;
+            }
+        }
+    });
+    assert!(
+        wait_until(WAIT, || stats.get(Stat::ClosedMemory) == 1),
+        "never evicted: buffered_bytes {}",
+        stats.get(Stat::BufferedBytes)
+    );
+    sender.join().unwrap();
+    // Dropped, not delivered: no ECHO reply arrives, and the close is a reset or EOF.
+    match hoarder.try_recv() {
+        Ok(None) | Err(_) => {}
+        Ok(Some(reply)) => panic!("an evicted peer got a reply: op {:#x}", reply.0),
+    }
+    honest.send(PING, b"");
+    assert_eq!(honest.recv(), Some((PING_REPLY, vec![])));
+    assert!(
+        wait_until(WAIT, || stats.get(Stat::BufferedBytes) == 0),
+        "buffered_bytes {} after the eviction",
+        stats.get(Stat::BufferedBytes)
+    );
 }
