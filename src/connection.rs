@@ -1013,8 +1013,9 @@ mod tests {
         }
     }
 
-    /// Wait until `len` bytes are readable on the server side, without consuming them.
-    fn wait_buffered(conn: &mut Connection, len: usize) {
+    /// Wait until `len` bytes are readable on the server side, without consuming them
+    /// (shared with the property tests in `props`).
+    pub(super) fn wait_buffered(conn: &mut Connection, len: usize) {
         let deadline = Instant::now() + WAIT;
         let mut buf = vec![0; len + 1];
         loop {
@@ -1025,7 +1026,7 @@ mod tests {
                 Err(e) => panic!("peek: {e}"),
             }
             assert!(Instant::now() < deadline, "{len} bytes never arrived");
-            thread::sleep(Duration::from_millis(1));
+            thread::yield_now();
         }
     }
 

@@ -8,11 +8,12 @@
 //! the connection handles each read, so whatever growth policy its buffers follow is what the
 //! property sees.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::tests::wait_buffered;
 use super::{CloseReason, Connection, Io, Readiness, Step, READ_CHUNK};
 use crate::frame::{self, FrameError, HEADER_LEN};
 use crate::leak::EofPolicy;
@@ -100,22 +101,6 @@ fn pair() -> (Connection, std::net::TcpStream) {
         Connection::new(TcpStream::from_std(accepted), addr, ()),
         peer,
     )
-}
-
-/// Wait until `len` bytes are readable on the server side, without consuming them.
-fn wait_buffered(conn: &mut Connection, len: usize) {
-    let deadline = Instant::now() + WAIT;
-    let mut buf = vec![0; len];
-    loop {
-        match conn.stream_mut().peek(&mut buf) {
-            Ok(n) if n >= len => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("peek: {e}"),
-        }
-        assert!(Instant::now() < deadline, "{len} bytes never arrived");
-        thread::yield_now();
-    }
 }
 
 /// One segment of a stream: a legal frame (large ones span many reads), a refused length,
