@@ -469,11 +469,7 @@ fn thousands_of_chaotic_peers_get_every_promised_reply_and_leave_nothing_behind(
         stats["active"] == 1
     });
     assert!(all_closed, "seed {seed}: connections left open: {stats:?}");
-    let closed: u64 = stats
-        .iter()
-        .filter(|(name, _)| name.starts_with("closed_"))
-        .map(|(_, n)| n)
-        .sum();
+    let closed = closed_total(&stats);
     assert_eq!(
         stats["accepted"],
         PEERS as u64 + 1,

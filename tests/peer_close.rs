@@ -190,11 +190,7 @@ fn every_ended_connection_is_counted_once_under_its_reason() {
         "{stats:?}"
     );
     server.wait_for_fds(baseline + 1);
-    let closed: u64 = stats
-        .iter()
-        .filter(|(name, _)| name.starts_with("closed_"))
-        .map(|(_, n)| n)
-        .sum();
+    let closed = closed_total(&stats);
     assert_eq!(
         stats["accepted"],
         1 + eof + reset + protocol + idle,

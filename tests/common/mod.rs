@@ -337,3 +337,13 @@ impl Drop for TempDir {
 
 #[allow(unused_imports)]
 pub use closewait::testing::{frame, wait_until, Client, WAIT};
+
+/// The sum of every `closed_*` counter in a STATS reply: each ended connection is counted
+/// once under its reason, so it must equal `accepted - active`.
+pub fn closed_total(stats: &std::collections::HashMap<String, u64>) -> u64 {
+    stats
+        .iter()
+        .filter(|(name, _)| name.starts_with("closed_"))
+        .map(|(_, n)| n)
+        .sum()
+}
