@@ -95,8 +95,14 @@ pub fn decode(buf: &[u8], max_frame: usize) -> Decoded<&[u8], FrameError> {
 }
 
 /// Append one frame with body `op` + `data` to `out`.
+#[inline]
 pub fn encode(out: &mut Vec<u8>, op: u8, data: &[u8]) {
-    encode_with(out, op, |out| out.extend_from_slice(data));
+    // The length is known up front: two copies, where `encode_with`'s patching costs
+    // three capacity checks and a second pass (a third of a pipelined request's
+    // instructions went there). No `reserve`: its check would only add to the copies'.
+    let [a, b, c, d] = ((1 + data.len()) as u32).to_be_bytes();
+    out.extend_from_slice(&[a, b, c, d, op]);
+    out.extend_from_slice(data);
 }
 
 /// Append one frame whose data `write` appends to `out`, so a reply can be produced in
