@@ -397,6 +397,22 @@ pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant
     }
 }
 
+/// Before closing a socket we refuse (over the cap), send our FIN behind the reply and take
+/// what the client has sent already: a close with unread input is a reset, which a client
+/// reads as a failure (and which drops a reply still in flight). Bounded: a client that
+/// sends more than this before reading why gets the reset.
+fn discard_arrived(stream: &mut TcpStream) {
+    use std::io::Read;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
 /// Fds open in this process now (the directory handle used to count them excluded).
 fn count_own_fds() -> u64 {
     match std::fs::read_dir("/proc/self/fd") {
@@ -735,8 +751,6 @@ impl<S: Service> Worker<S> {
                 self.memory.record(held, 0);
                 stats.sub(Counter::BufferedBytes, held as u64);
             }
-            stats.sub(Counter::Active, 1);
-            stats.add(reason.counter(), 1);
             if trigger == CloseReason::WriteStall {
                 // Abortive close: the kernel drops our queued output now instead of holding
                 // it (and the fd's memory) for a peer that is not reading.
@@ -762,6 +776,10 @@ impl<S: Service> Worker<S> {
             if let Some(at) = self.eof_at.remove(&token) {
                 stats.observe_fin_to_close(at.elapsed());
             }
+            // `active` drops last: whoever sees it drop (STATS, /metrics, a test) also sees
+            // the socket closed and the close counted under its reason.
+            stats.add(reason.counter(), 1);
+            stats.sub(Counter::Active, 1);
             self.service.close(session, reason);
         }
         // A freed fd raises no event: if accept was paused (cap or EMFILE), retry now.
@@ -972,6 +990,7 @@ impl<S: Service> Worker<S> {
         if let Err(e) = stream.write(&reply) {
             log::debug!("{peer}: could not send the rejection: {e}");
         }
+        discard_arrived(&mut stream);
         self.shared.stats.add(Counter::Rejected, 1);
         if self.warn.allow() {
             log::warn!("{peer}: rejected: {message}{}", self.warn.suppressed_note());

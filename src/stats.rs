@@ -296,7 +296,10 @@ impl HistogramSnapshot {
 impl Stats {
     /// The current value of `counter`.
     pub fn get(&self, counter: Counter) -> u64 {
-        self.values[counter as usize].load(Ordering::Relaxed)
+        // Acquire pairs with `sub`'s Release: a reader that sees `active` drop sees what the
+        // worker counted before it (the close's reason). Free on x86; plain loads elsewhere
+        // are not ordered.
+        self.values[counter as usize].load(Ordering::Acquire)
     }
 
     /// Add `n` to `counter`.
@@ -306,7 +309,7 @@ impl Stats {
 
     /// Subtract `n` from a gauge such as [`Counter::Active`].
     pub(crate) fn sub(&self, counter: Counter, n: u64) {
-        self.values[counter as usize].fetch_sub(n, Ordering::Relaxed);
+        self.values[counter as usize].fetch_sub(n, Ordering::Release);
     }
 
     /// Set `counter` to `n` (used for configuration values such as the cap).

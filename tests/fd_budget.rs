@@ -410,6 +410,32 @@ fn when_full_reject_sends_server_full_and_closes() {
     server.connect().ping();
 }
 
+/// A client that sends before it reads (most do) has a request unread in the socket the
+/// server rejects; closing over it would be a reset, which can reach the client before it
+/// reads why. Each must read "server full" and then a clean EOF.
+#[test]
+fn a_rejected_client_that_already_sent_reads_why_and_a_clean_eof() {
+    let server = Server::start(&["--max-connections", "1", "--when-full", "reject"]);
+    let mut held = server.connect();
+    held.ping();
+    for trial in 0..50 {
+        let mut c = server.connect();
+        c.send(ECHO, &[7; 1000]);
+        let reply = c.try_recv();
+        assert!(
+            matches!(&reply, Ok(Some((ERROR, why))) if why == b"server full: 1 connections"),
+            "trial {trial}: {reply:?}"
+        );
+        let mut byte = [0u8; 1];
+        let end = c.stream.read(&mut byte);
+        assert!(
+            matches!(end, Ok(0)),
+            "trial {trial}: {end:?} instead of EOF"
+        );
+    }
+    assert_eq!(held.stats()["rejected"], 50);
+}
+
 #[test]
 fn a_freed_slot_serves_a_waiting_client_without_a_new_connection_arriving() {
     let server = Server::start(&["--max-connections", "3", "--backlog", "12"]);
