@@ -1,7 +1,8 @@
 //! `loadtest bench --quick` runs end to end: exit 0, bench.md and bench.csv written, rows for
 //! every server, churn leaves each server's fd count where it started, the user/kernel
-//! split of the server's CPU adds up to its total, syscalls were counted (perf), the scale
-//! step held its connections and left no CLOSE_WAIT, and every target of issue #15 is marked.
+//! split of the server's CPU adds up to its total, syscalls and among them epoll waits were
+//! counted (perf), the scale step held its connections and left no CLOSE_WAIT, and every
+//! target of issue #15 is marked.
 //! No timing assertions: the numbers depend on the machine.
 
 use std::path::PathBuf;
@@ -76,19 +77,28 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
             r[figure]
         );
     }
-    // A count, for every server, or the syscall targets would silently read "not measured".
-    let syscalls = col("syscalls_per_req");
+    // A count, for every server, or the syscall targets would silently read "not measured";
+    // the epoll_wait share and the rest add up to it (one perf process, one window).
+    let (syscalls, epoll_waits, others) = (
+        col("syscalls_per_req"),
+        col("epoll_waits_per_req"),
+        col("other_syscalls_per_req"),
+    );
     for r in rows
         .iter()
         .filter(|r| r[figure] == "ping-pong" || r[figure] == "pipelined")
     {
-        let n: f64 = r[syscalls].parse().unwrap_or_else(|_| {
-            panic!(
-                "{} {}: no syscall count (is perf installed and allowed tracepoints?): {r:?}",
-                r[server], r[figure]
-            )
-        });
-        assert!(n > 0.0, "{r:?}");
+        let num = |i: usize| -> f64 {
+            r[i].parse().unwrap_or_else(|_| {
+                panic!(
+                    "{} {}: no {} (is perf installed and allowed tracepoints?): {r:?}",
+                    r[server], r[figure], header[i]
+                )
+            })
+        };
+        let (n, e, o) = (num(syscalls), num(epoll_waits), num(others));
+        assert!(n > 0.0 && e > 0.0 && o > 0.0, "{r:?}");
+        assert!((e + o - n).abs() <= n * 1e-9, "{r:?}");
     }
     // Scale: closewait and the baseline, every connection held and released, no CLOSE_WAIT.
     let (conns, close_wait) = (col("conns"), col("close_wait"));
@@ -119,7 +129,7 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
         .lines()
         .filter(|l| l.ends_with("| met |") || l.ends_with("| **not met** |"))
         .count();
-    assert_eq!(marked, 9, "every target measured and marked:\n{targets}");
+    assert_eq!(marked, 10, "every target measured and marked:\n{targets}");
     for r in rows.iter().filter(|r| r[figure] == "churn") {
         assert!(!r[fd_start].is_empty(), "churn row without fd_start: {r:?}");
         assert_eq!(

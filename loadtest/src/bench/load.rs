@@ -195,10 +195,10 @@ pub struct LoadResult {
     pub window: Window,
     /// Round-trip times in µs (ping-pong only: depth 1).
     pub rtt: Option<Histogram<u64>>,
-    /// The syscall window, if one was asked for: (syscalls the server entered, requests
+    /// The syscall window, if one was asked for: (what the server's syscalls counted, requests
     /// completed) over the same span, counted by `perf` after the measurement window; or
     /// why perf could not count them.
-    pub syscalls: Option<Result<(u64, u64), String>>,
+    pub syscalls: Option<Result<(super::syscalls::Counts, u64), String>>,
 }
 
 /// The connections of a request/response load and the loop that keeps them busy.
@@ -385,7 +385,7 @@ pub fn request_load(
         None => None,
         Some(span) => {
             let mut ignored = rtt.clone();
-            let mut count = || -> io::Result<(u64, u64)> {
+            let mut count = || -> io::Result<(super::syscalls::Counts, u64)> {
                 let mut perf = super::syscalls::Perf::attach(pid)?;
                 // The load keeps going while perf starts: the server stays in its steady state.
                 driver.pump(Instant::now() + Duration::from_millis(100), &mut ignored)?;
