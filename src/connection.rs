@@ -269,7 +269,9 @@ pub struct Connection<T = ()> {
     stream: TcpStream,
     peer: SocketAddr,
     state: State,
-    /// Bytes of an unfinished frame; empty (no allocation) between frames.
+    /// Bytes of an unfinished frame; empty (no allocation) between frames. When `stashed`:
+    /// the unparsed rest of a read, held while the connection's deferred requests are at
+    /// their bound.
     partial: Vec<u8>,
     /// Replies not yet taken by the socket; `sent` bytes of it are already written.
     pending: Vec<u8>,
@@ -283,6 +285,9 @@ pub struct Connection<T = ()> {
     progressed: bool,
     /// A new frame began and is unfinished since the loop last asked (frame timer input).
     frame_began: bool,
+    /// `partial` may hold whole requests, kept when `Service::MAX_DEFERRED` was reached in
+    /// the middle of a read: they are answered before the socket is read again.
+    stashed: bool,
     /// The service's state for this connection ([`Service::Session`]).
     session: T,
 }
@@ -301,6 +306,7 @@ impl<T> Connection<T> {
             read_paused: false,
             progressed: false,
             frame_began: false,
+            stashed: false,
             session,
         }
     }
@@ -342,7 +348,8 @@ impl<T> Connection<T> {
 
     /// Whether part of a frame is buffered, waiting for the rest.
     pub fn in_frame(&self) -> bool {
-        !self.partial.is_empty()
+        // Stashed requests are whole: their wait is for the service, not for the peer.
+        !self.partial.is_empty() && !self.stashed
     }
 
     /// Bytes of memory this connection holds: its partial frame and its pending replies.
@@ -539,6 +546,11 @@ impl<T> Connection<T> {
     ) -> Step {
         self.read_paused = false;
         self.lend_output(io);
+        if self.stashed {
+            if let Some(step) = self.resume_stashed(io) {
+                return step;
+            }
+        }
         let mut step = Step::Again;
         for _ in 0..budget {
             if io
@@ -579,15 +591,8 @@ impl<T> Connection<T> {
                             break;
                         }
                         Ok(()) => {}
-                        Err(Stop::Invalid(message)) => {
-                            self.on_invalid_request(message, io);
-                            step = Step::Continue;
-                            break;
-                        }
-                        Err(Stop::Close) => {
-                            self.partial = Vec::new();
-                            self.state = State::Draining(Graceful::Service);
-                            step = Step::Continue;
+                        Err(stop) => {
+                            step = self.on_stop(stop, io);
                             break;
                         }
                     }
@@ -604,6 +609,47 @@ impl<T> Connection<T> {
             }
         }
         step
+    }
+
+    /// Answer the requests stashed when the deferred bound was reached, if the bound allows
+    /// now. `Some` when reading must not go on this turn.
+    #[cold]
+    #[inline(never)]
+    fn resume_stashed<S: Service<Session = T>>(&mut self, io: &mut Io<'_, S>) -> Option<Step> {
+        if io
+            .deferrals
+            .is_full(io.token, S::MAX_DEFERRED, io.max_pending_output)
+        {
+            self.read_paused = true;
+            return Some(Step::Continue);
+        }
+        self.stashed = false;
+        match self.handle_input(0, io) {
+            Ok(()) => {
+                // What is left is one unfinished request: its frame clock starts now.
+                self.frame_began = !self.partial.is_empty();
+                None
+            }
+            Err(stop) => Some(self.on_stop(stop, io)),
+        }
+    }
+
+    /// The service or the codec stopped the reading of a batch.
+    fn on_stop<S: Service<Session = T>>(&mut self, stop: Stop, io: &mut Io<'_, S>) -> Step {
+        match stop {
+            Stop::Invalid(message) => self.on_invalid_request(message, io),
+            Stop::Close => {
+                self.partial = Vec::new();
+                self.stashed = false;
+                self.state = State::Draining(Graceful::Service);
+            }
+            Stop::Deferred => {
+                // The unparsed rest is in `partial`; a completion resumes (see `flush`).
+                self.stashed = true;
+                self.read_paused = true;
+            }
+        }
+        Step::Continue
     }
 
     /// Called by [`leak::on_read_eof`] for the reference behaviour: the peer will send
@@ -654,14 +700,17 @@ impl<T> Connection<T> {
             peer: self.peer,
             stats,
         };
-        let mut reply = Reply::for_connection(&mut self.pending, deferrals, *token);
+        let mut reply =
+            Reply::for_connection(&mut self.pending, deferrals, *token, S::MAX_DEFERRED);
         let mut requests = 0;
+        // `n == 0`: no new bytes, answer what was stashed (see `resume_stashed`).
+        let mut resuming = n == 0;
 
         let outcome = 'input: {
             // First finish the request left over from an earlier read. When the codec knows
             // how long it is, take only its bytes, so the common case below parses straight
             // from the read buffer without copying.
-            while !self.partial.is_empty() && !data.is_empty() {
+            while !self.partial.is_empty() && (!data.is_empty() || std::mem::take(&mut resuming)) {
                 let held = self.partial.len();
                 let need = match codec.decode(&self.partial, max) {
                     Decoded::Incomplete { need } => need.filter(|&need| need > held),
@@ -683,8 +732,8 @@ impl<T> Connection<T> {
                             service.call(request, &mut self.session, &mut reply, &cx);
                             requests += 1;
                             at += used;
-                            if reply.wants_close() {
-                                break 'input Err(Stop::Close);
+                            if reply.interrupted() {
+                                break;
                             }
                         }
                         // Not reserved up front from an announced length: a peer could then
@@ -692,6 +741,14 @@ impl<T> Connection<T> {
                         Decoded::Incomplete { .. } => break,
                         Decoded::Invalid(e) => break 'input Err(Stop::Invalid(e.to_string())),
                     }
+                }
+                if reply.interrupted() {
+                    if reply.wants_close() {
+                        break 'input Err(Stop::Close);
+                    }
+                    self.partial.drain(..at);
+                    self.partial.extend_from_slice(data);
+                    break 'input Err(Stop::Deferred);
                 }
                 if at == self.partial.len() {
                     self.partial = Vec::new();
@@ -712,8 +769,13 @@ impl<T> Connection<T> {
                         service.call(request, &mut self.session, &mut reply, &cx);
                         requests += 1;
                         data = &data[used..];
-                        if reply.wants_close() {
-                            break 'input Err(Stop::Close);
+                        if reply.interrupted() {
+                            if reply.wants_close() {
+                                break 'input Err(Stop::Close);
+                            }
+                            // Whole requests, maybe an unfinished one: at most one read.
+                            self.partial.extend_from_slice(data);
+                            break 'input Err(Stop::Deferred);
                         }
                     }
                     Decoded::Incomplete { .. } => {
@@ -759,6 +821,7 @@ impl<T> Connection<T> {
         S::Codec::encode_error(self.output_in_order(io), &message);
         io.stats.add(Counter::Requests, 1);
         self.partial = Vec::new();
+        self.stashed = false;
         self.state = State::Draining(Graceful::Protocol);
     }
 
@@ -926,6 +989,9 @@ enum Stop {
     Invalid(String),
     /// The service asked to close ([`Reply::close`]).
     Close,
+    /// The connection's deferred requests reached [`Service::MAX_DEFERRED`]; the rest of
+    /// the input is in `partial`.
+    Deferred,
 }
 
 /// The loop's refusal of a request holding `held` bytes when the limit is `max`.

@@ -249,6 +249,11 @@ impl Deferrals {
         }
     }
 
+    /// Requests of `token` waiting for their deferred reply now.
+    pub(crate) fn waiting(&self, token: Token) -> usize {
+        self.queues.get(&token).map_or(0, |q| q.waiting)
+    }
+
     /// Where replies of `token` go while a request before them waits. Only called when
     /// [`Deferrals::is_waiting`]. Out of line: the hot path (no deferral) never calls it.
     #[cold]

@@ -60,9 +60,10 @@ pub trait Service {
     type Session: Default;
 
     /// Requests of one connection that may wait for a [deferred](Reply::defer) reply at
-    /// once. At the bound the loop stops reading that connection (as it does when its
-    /// output backs up) until one completes; the bound is checked before each read, so a
-    /// connection holds at most this many plus the requests of one read.
+    /// once. At the bound the loop stops handing that connection's requests to the
+    /// service, even in the middle of a read (the rest of the read waits, unparsed, in the
+    /// connection), and stops reading it, as it does when its output backs up, until one
+    /// completes.
     const MAX_DEFERRED: usize = 64;
 
     /// A connection from `peer` was accepted: make its session (by default,
@@ -110,6 +111,12 @@ pub struct Reply<'a, C = LengthPrefixed> {
     errors: u32,
     first_error: Option<String>,
     close: bool,
+    /// The connection's bound on requests waiting for deferred replies
+    /// ([`Service::MAX_DEFERRED`]; unbounded outside a server).
+    max_deferred: usize,
+    /// Set by `close`, or by a `defer` that reached `max_deferred`: the loop must stop
+    /// handing this connection requests. One flag, so the loop tests one byte per request.
+    interrupted: bool,
     codec: PhantomData<fn() -> C>,
 }
 
@@ -125,6 +132,8 @@ impl<'a, C: Codec> Reply<'a, C> {
             errors: 0,
             first_error: None,
             close: false,
+            max_deferred: usize::MAX,
+            interrupted: false,
             codec: PhantomData,
         }
     }
@@ -135,12 +144,14 @@ impl<'a, C: Codec> Reply<'a, C> {
         out: &'a mut Vec<u8>,
         deferrals: &'a mut Deferrals,
         token: Token,
+        max_deferred: usize,
     ) -> Self {
         let held = deferrals.is_waiting(token).then_some(out.len());
         Reply {
             deferrals: Some(deferrals),
             token,
             held,
+            max_deferred,
             ..Reply::new(out)
         }
     }
@@ -176,10 +187,15 @@ impl<'a, C: Codec> Reply<'a, C> {
         // Replies written since the last deferral of this batch go before this one.
         self.hold();
         self.held = Some(self.out.len());
-        match self.deferrals.as_deref_mut() {
-            Some(deferrals) => deferrals.defer(self.token),
-            None => unreachable!("checked above"),
+        let Some(deferrals) = self.deferrals.as_deref_mut() else {
+            unreachable!("checked above")
+        };
+        let handle = deferrals.defer(self.token);
+        if deferrals.waiting(self.token) >= self.max_deferred {
+            // At the bound: the rest of this read waits in the connection, unparsed.
+            self.interrupted = true;
         }
+        handle
     }
 
     /// Append one reply that `write` encodes in place, in the codec's format (for a codec of
@@ -214,11 +230,19 @@ impl<'a, C: Codec> Reply<'a, C> {
     /// requests this connection sent after this one are neither answered nor read.
     pub fn close(&mut self) {
         self.close = true;
+        self.interrupted = true;
     }
 
     /// Whether [`close`](Reply::close) was called.
     pub(crate) fn wants_close(&self) -> bool {
         self.close
+    }
+
+    /// Whether the loop must stop handing requests to the service: a close, or this
+    /// connection's deferred requests at their bound.
+    #[inline]
+    pub(crate) fn interrupted(&self) -> bool {
+        self.interrupted
     }
 
     /// Errors sent through [`error`](Reply::error), and the first one's text.

@@ -114,6 +114,84 @@ fn a_connection_waits_for_at_most_max_deferred_requests_before_it_is_read_again(
     assert_eq!(counters.jobs.get(), MAX_WAITING as u64 + 3);
 }
 
+/// The bound holds inside one read too: requests behind the one that reached it wait in
+/// the connection, unparsed, and are handed to the service only as earlier ones complete.
+/// (Without it one 64 KiB read of small requests deferred thousands at once.)
+#[test]
+fn requests_read_in_one_batch_are_deferred_no_further_than_the_bound() {
+    let (server, counters) = start(1);
+    let mut client = server.connect();
+    let extra = 100;
+    let mut batch = frame(SLEEP, &sleep(1000, &[0]));
+    for i in 1..MAX_WAITING + extra {
+        batch.extend(frame(SLEEP, &sleep(0, &(i as u16).to_be_bytes())));
+    }
+    client.send_raw(&batch);
+    assert_read_no_further_than_the_bound(&counters);
+    expect_sleep_replies(&mut client, MAX_WAITING + extra);
+    assert_eq!(counters.jobs.get(), (MAX_WAITING + extra) as u64);
+}
+
+/// The same when the request that reaches the bound is the end of a frame split across
+/// reads (it is finished from the connection's buffer, the rest of the read stays there).
+/// Whole requests waiting there are not an unfinished frame: a frame timeout shorter than
+/// the wait does not end the connection.
+#[test]
+fn the_bound_holds_when_it_is_reached_by_a_frame_split_across_reads() {
+    let (server, counters) = start_with(
+        1,
+        Config {
+            frame_timeout: Some(Duration::from_millis(400)),
+            ..Config::default()
+        },
+    );
+    let stats = server.handle().stats();
+    let mut client = server.connect();
+    let mut first = frame(SLEEP, &sleep(1000, &[0]));
+    for i in 1..MAX_WAITING - 1 {
+        first.extend(frame(SLEEP, &sleep(0, &(i as u16).to_be_bytes())));
+    }
+    client.send_raw(&first);
+    assert!(wait_until(WAIT, || counters.jobs.get() == MAX_WAITING as u64 - 1));
+    let split = frame(SLEEP, &sleep(0, &(MAX_WAITING as u16 - 1).to_be_bytes()));
+    client.send_raw(&split[..3]);
+    assert!(wait_until(WAIT, || stats.get(Stat::BufferedBytes) > 0));
+    let extra = 100;
+    let mut rest = split[3..].to_vec();
+    for i in MAX_WAITING..MAX_WAITING + extra {
+        rest.extend(frame(SLEEP, &sleep(0, &(i as u16).to_be_bytes())));
+    }
+    client.send_raw(&rest);
+    assert_read_no_further_than_the_bound(&counters);
+    expect_sleep_replies(&mut client, MAX_WAITING + extra);
+}
+
+/// While the first request sleeps (1 s), no more than the bound are handed to the pool.
+fn assert_read_no_further_than_the_bound(counters: &PoolCounters) {
+    assert!(wait_until(WAIT, || counters.jobs.get() == MAX_WAITING as u64));
+    // A bounded wait, well inside the first request's second: a negative cannot be awaited.
+    let past = wait_until(Duration::from_millis(300), || {
+        counters.jobs.get() > MAX_WAITING as u64
+    });
+    assert!(
+        !past,
+        "deferred past the bound: {} requests",
+        counters.jobs.get()
+    );
+}
+
+/// `n` SLEEP replies, each carrying its request's index, in request order.
+fn expect_sleep_replies(client: &mut closewait::testing::Client, n: usize) {
+    assert_eq!(client.recv(), Some((SLEEP_REPLY, vec![0])));
+    for i in 1..n {
+        assert_eq!(
+            client.recv(),
+            Some((SLEEP_REPLY, (i as u16).to_be_bytes().to_vec())),
+            "reply {i}"
+        );
+    }
+}
+
 #[test]
 fn a_reply_completed_after_its_connection_closed_goes_nowhere() {
     let (server, counters) = start(2);
