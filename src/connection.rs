@@ -449,7 +449,9 @@ impl<T> Connection<T> {
         if self.state != State::Open || self.partial.is_empty() {
             return Step::Continue;
         }
-        let message = format!("frame not completed in {} s", timeout.as_secs());
+        // Whole seconds as the CLI sets them ("30 s"); a finer `Config` value as it is
+        // ("0.4 s"), never rounded down to a misleading "0 s".
+        let message = format!("frame not completed in {} s", timeout.as_secs_f64());
         if io.warn.allow() {
             log::warn!(
                 "{}: {message} ({} bytes of it received); closing{}",
