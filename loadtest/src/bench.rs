@@ -319,11 +319,10 @@ fn measure(
             }
             let w = &r.window;
             m.push(("req_per_s", w.count as f64 / w.secs));
-            if let Some(h) = &r.rtt {
-                m.push(("p50_us", h.value_at_quantile(0.5) as f64));
-                m.push(("p99_us", h.value_at_quantile(0.99) as f64));
-                m.push(("p999_us", h.value_at_quantile(0.999) as f64));
-            }
+            let h = &r.rtt;
+            m.push(("p50_us", h.value_at_quantile(0.5) as f64));
+            m.push(("p99_us", h.value_at_quantile(0.99) as f64));
+            m.push(("p999_us", h.value_at_quantile(0.999) as f64));
             push_cpu(&mut m, w, "req_per_server_cpu_s");
         }
         Figure::IdleMemory => {

@@ -1,7 +1,7 @@
 //! `loadtest bench --quick` runs end to end: exit 0, bench.md and bench.csv written, rows for
 //! every server, churn leaves each server's fd count where it started, the user/kernel
 //! split of the server's CPU adds up to its total, syscalls and among them epoll waits were
-//! counted (perf), the scale step held its connections and left no CLOSE_WAIT, and every
+//! counted (perf), request latencies were recorded in ping-pong and pipelined, the scale step held its connections and left no CLOSE_WAIT, and every
 //! target of issue #15 is marked.
 //! No timing assertions: the numbers depend on the machine.
 
@@ -100,6 +100,23 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
         assert!(n > 0.0 && e > 0.0 && o > 0.0, "{r:?}");
         assert!((e + o - n).abs() <= n * 1e-9, "{r:?}");
     }
+    // Latency percentiles for every server in both request loads, or the RTT targets would
+    // read "not measured" (pipelined was once not timed at all).
+    let (p50, p99, p999) = (col("p50_us"), col("p99_us"), col("p999_us"));
+    for r in rows
+        .iter()
+        .filter(|r| r[figure] == "ping-pong" || r[figure] == "pipelined")
+    {
+        let num = |i: usize| -> f64 {
+            r[i].parse()
+                .unwrap_or_else(|_| panic!("{} {}: no {}: {r:?}", r[server], r[figure], header[i]))
+        };
+        let (a, b, c) = (num(p50), num(p99), num(p999));
+        assert!(
+            a >= 1.0 && a <= b && b <= c,
+            "percentiles out of order: {r:?}"
+        );
+    }
     // Scale: closewait and the baseline, every connection held and released, no CLOSE_WAIT.
     let (conns, close_wait) = (col("conns"), col("close_wait"));
     for name in ["closewait", "tokio-baseline"] {
@@ -129,7 +146,7 @@ fn quick_bench_writes_report_and_churn_leaks_no_fds() {
         .lines()
         .filter(|l| l.ends_with("| met |") || l.ends_with("| **not met** |"))
         .count();
-    assert_eq!(marked, 10, "every target measured and marked:\n{targets}");
+    assert_eq!(marked, 12, "every target measured and marked:\n{targets}");
     for r in rows.iter().filter(|r| r[figure] == "churn") {
         assert!(!r[fd_start].is_empty(), "churn row without fd_start: {r:?}");
         assert_eq!(

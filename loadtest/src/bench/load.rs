@@ -118,7 +118,8 @@ struct Conn {
     partial: Vec<u8>,
     /// Request bytes the socket did not take yet.
     out: Vec<u8>,
-    /// Send times of the requests in flight (ping-pong only; empty when not timing).
+    /// Send times of the requests in flight, oldest first: a connection's replies come in
+    /// the order of its requests, so the front is the send time of the next reply.
     sent: VecDeque<Instant>,
     /// Requests sent and not yet answered.
     in_flight: usize,
@@ -193,8 +194,9 @@ fn parse_replies(buf: &[u8], payload: usize) -> io::Result<(usize, usize)> {
 pub struct LoadResult {
     /// The measurement window.
     pub window: Window,
-    /// Round-trip times in µs (ping-pong only: depth 1).
-    pub rtt: Option<Histogram<u64>>,
+    /// Request latencies in µs, each from the request's send to its reply's arrival (at
+    /// depth 1 the round trip; pipelined, it includes the wait behind the requests ahead).
+    pub rtt: Histogram<u64>,
     /// The syscall window, if one was asked for: (what the server's syscalls counted, requests
     /// completed) over the same span, counted by `perf` after the measurement window; or
     /// why perf could not count them.
@@ -210,20 +212,18 @@ pub struct Driver {
     request: Vec<u8>,
     burst: Vec<u8>,
     payload: usize,
-    timing: bool,
     /// Send a new request for every reply (false: let the requests in flight run out).
     refill: bool,
 }
 
 impl Driver {
-    /// Take over connected sockets and put `depth` ECHOs of `payload` bytes in flight on each
-    /// (depth 1: round trips are timed).
+    /// Take over connected sockets and put `depth` ECHOs of `payload` bytes in flight on each;
+    /// every request's latency is timed, at any depth.
     pub fn start(
         streams: Vec<std::net::TcpStream>,
         depth: usize,
         payload: usize,
     ) -> io::Result<Driver> {
-        let timing = depth == 1;
         let request = frame(ECHO, &vec![b'x'; payload]);
         let burst: Vec<u8> = request.repeat(depth);
         let poll = Poll::new()?;
@@ -247,9 +247,7 @@ impl Driver {
         }
         let start = Instant::now();
         for conn in &mut conns {
-            if timing {
-                conn.sent.push_back(start);
-            }
+            conn.sent.extend(std::iter::repeat_n(start, depth));
             send(conn, &burst)?;
             conn.in_flight = depth;
         }
@@ -261,7 +259,6 @@ impl Driver {
             request,
             burst,
             payload,
-            timing,
             refill: true,
         })
     }
@@ -309,17 +306,15 @@ impl Driver {
                     continue;
                 }
                 conn.in_flight += replies;
+                // One clock read per read batch: every reply of the batch arrived by `now`,
+                // and the requests that replace them leave at `now`.
                 let now = Instant::now();
-                if self.timing {
-                    for _ in 0..replies {
-                        if let Some(sent) = conn.sent.pop_front() {
-                            let us = now.duration_since(sent).as_micros().max(1) as u64;
-                            rtt.saturating_record(us);
-                        }
+                for _ in 0..replies {
+                    if let Some(sent) = conn.sent.pop_front() {
+                        let us = now.duration_since(sent).as_micros().max(1) as u64;
+                        rtt.saturating_record(us);
                     }
-                    for _ in 0..replies {
-                        conn.sent.push_back(now);
-                    }
+                    conn.sent.push_back(now);
                 }
                 // Keep `depth` in flight: one new request per reply, in one write.
                 let mut left = replies * self.request.len();
@@ -367,7 +362,6 @@ pub fn request_load(
     load: Load,
     syscall_window: Option<Duration>,
 ) -> io::Result<LoadResult> {
-    let timing = load.depth == 1;
     let mut streams = Vec::with_capacity(load.conns);
     for _ in 0..load.conns {
         streams.push(std::net::TcpStream::connect(addr)?);
@@ -398,7 +392,7 @@ pub fn request_load(
     };
     Ok(LoadResult {
         window,
-        rtt: timing.then_some(rtt),
+        rtt,
         syscalls,
     })
 }

@@ -148,6 +148,9 @@ const TABLE: &[(Figure, &str, &str)] = &[
         "req_per_s",
         "requests/s (higher is better)",
     ),
+    (Figure::Pipelined, "p50_us", "RTT p50, µs"),
+    (Figure::Pipelined, "p99_us", "RTT p99, µs"),
+    (Figure::Pipelined, "p999_us", "RTT p99.9, µs"),
     (
         Figure::Pipelined,
         "server_cpu_cores",
@@ -485,6 +488,16 @@ fn targets(rows: &[Row], runs: u32) -> String {
             "×",
         ),
         (
+            "pipelined RTT p99 no worse than limit (ratio ≤ 1)",
+            at_most(r(Pipelined, "p99_us", Limit), 1.0),
+            "×",
+        ),
+        (
+            "pipelined RTT p99 no worse than tokio (ratio ≤ 1)",
+            at_most(r(Pipelined, "p99_us", Baseline), 1.0),
+            "×",
+        ),
+        (
             "all held: RSS per connection ≤ 200 B",
             at_most(v(Scale, "rss_per_held_conn"), 200.0),
             " B",
@@ -739,6 +752,41 @@ mod tests {
             line("ping-pong syscalls per request besides epoll_wait ≤").ends_with("| 2 | met |")
         );
         assert!(line("all held: PING p99").ends_with("| – | not measured |"));
+    }
+
+    #[test]
+    fn pipelined_rtt_targets_read_the_pipelined_rows_not_the_ping_pong_ones() {
+        let pipelined = |server, p99| Row {
+            figure: Figure::Pipelined,
+            ..row(1, server, vec![("p99_us", p99)])
+        };
+        let rows = vec![
+            // Ping-pong: closewait better than both; pipelined: better than the limit only.
+            row(1, Kind::Closewait, vec![("p99_us", 10.0)]),
+            row(1, Kind::Limit, vec![("p99_us", 20.0)]),
+            row(1, Kind::Baseline, vec![("p99_us", 20.0)]),
+            pipelined(Kind::Closewait, 150.0),
+            pipelined(Kind::Limit, 200.0),
+            pipelined(Kind::Baseline, 100.0),
+        ];
+        let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
+        let line = |name: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| {name}")))
+                .unwrap_or_else(|| panic!("no target {name:?} in\n{md}"))
+                .to_string()
+        };
+        assert!(line("ping-pong RTT p99 no worse than tokio").ends_with("| 0.500× | met |"));
+        assert!(line("pipelined RTT p99 no worse than limit").ends_with("| 0.750× | met |"));
+        assert!(line("pipelined RTT p99 no worse than tokio").ends_with("| 1.500× | **not met** |"));
+        let table = md
+            .lines()
+            .find(|l| l.starts_with("| pipelined | RTT p99, µs"))
+            .unwrap_or_else(|| panic!("no pipelined RTT p99 row in\n{md}"));
+        assert_eq!(
+            table,
+            "| pipelined | RTT p99, µs | 150 | – | 200 | 100 | 0.75 | 1.50 | – |"
+        );
     }
 
     #[test]
