@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use closewait::frame::FrameError;
 use closewait::testing::procfs::{self, TCP_CLOSE_WAIT};
+use common::seeded;
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -239,19 +240,9 @@ impl Plan {
     }
 }
 
-/// The seed of peer `index`'s plan.
-fn peer_seed(seed: u64, index: usize) -> u64 {
-    seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 /// Run one peer; `Err` says what differed from the model.
 fn run_peer(addr: SocketAddr, plan: &Plan, rng: &mut StdRng) -> Result<(), String> {
-    let stream = TcpStream::connect_timeout(&addr, WAIT).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.set_write_timeout(Some(WAIT)).unwrap();
-    // Each piece leaves as its own segment, so the server sees the splits.
-    stream.set_nodelay(true).unwrap();
-    let reader = stream.try_clone().unwrap();
+    let (stream, reader) = seeded::peer_stream(addr)?;
     let (written, all_written) = mpsc::channel();
     thread::scope(|scope| {
         let replies = plan.end.reads().then(|| {
@@ -335,12 +326,7 @@ fn check_replies(mut stream: TcpStream, plan: &Plan) -> Result<(), String> {
         }
     }
     if model.invalid_at.is_some() || plan.end == End::HalfCloseRead {
-        let mut byte = [0u8; 1];
-        match stream.read(&mut byte) {
-            Ok(0) => {}
-            Ok(_) => return Err("more bytes after the last predicted reply".into()),
-            Err(e) => return Err(format!("{e} instead of EOF after every reply")),
-        }
+        seeded::expect_eof(&stream)?;
     }
     Ok(())
 }
@@ -372,11 +358,7 @@ impl Watcher {
 
 #[test]
 fn thousands_of_chaotic_peers_get_every_promised_reply_and_leave_nothing_behind() {
-    let seed = std::env::var("CHAOS_SEED")
-        .ok()
-        .map(|s| s.parse().expect("CHAOS_SEED is a u64"))
-        .unwrap_or_else(rand::random);
-    eprintln!("chaos: seed {seed} (rerun with CHAOS_SEED={seed})");
+    let seed = seeded::run_seed("CHAOS_SEED", "chaos");
 
     let max_frame = MAX_FRAME.to_string();
     let server = Server::start(&["--max-frame", &max_frame]);
@@ -402,7 +384,7 @@ fn thousands_of_chaotic_peers_get_every_promised_reply_and_leave_nothing_behind(
                     if index >= PEERS || started.elapsed() > RUN_LIMIT {
                         return;
                     }
-                    let mut rng = StdRng::seed_from_u64(peer_seed(seed, index));
+                    let mut rng = StdRng::seed_from_u64(seeded::peer_seed(seed, index));
                     let plan = Plan::new(&mut rng);
                     let verdict = run_peer(addr, &plan, &mut rng);
                     let mut kinds = kinds.lock().unwrap();
@@ -450,16 +432,7 @@ fn thousands_of_chaotic_peers_get_every_promised_reply_and_leave_nothing_behind(
         summary.join("\n  ")
     );
     let failures = failures.into_inner().unwrap();
-    assert!(
-        failures.is_empty(),
-        "seed {seed}: {} of {ran} peers saw other than the model predicts; first ones:\n{}",
-        failures.len(),
-        failures[..failures.len().min(20)].join("\n")
-    );
-    assert_eq!(
-        ran, PEERS,
-        "seed {seed}: only {ran} peers started within {RUN_LIMIT:?}"
-    );
+    seeded::assert_every_peer_as_modelled(seed, &failures, ran, PEERS, RUN_LIMIT);
 
     // Every peer has closed its side: the server must have closed every connection, each
     // counted once under one reason.

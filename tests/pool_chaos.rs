@@ -23,6 +23,8 @@
 #[path = "../examples/pool.rs"]
 mod pool;
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +37,7 @@ use closewait::service::{ECHO, ECHO_REPLY, ERROR, PING, PING_REPLY};
 use closewait::stats::Counter as Stat;
 use closewait::testing::{frame, own_fds, wait_until, TestServer, WAIT};
 use closewait::{CloseReason, Config, Context, LengthPrefixed, Reply, Server, Service};
+use common::seeded;
 use pool::{PoolCounters, Slow, ThreadPool, LOST, MAX_WAITING, SLEEP, SLEEP_REPLY};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -148,19 +151,9 @@ impl Plan {
     }
 }
 
-/// The seed of peer `index`'s plan.
-fn peer_seed(seed: u64, index: usize) -> u64 {
-    seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
 /// Run one peer; `Err` says what differed from the model.
 fn run_peer(addr: SocketAddr, plan: &Plan, rng: &mut StdRng) -> Result<(), String> {
-    let stream = TcpStream::connect_timeout(&addr, WAIT).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.set_write_timeout(Some(WAIT)).unwrap();
-    // Each piece leaves as its own segment, so the server sees the splits.
-    stream.set_nodelay(true).unwrap();
-    let reader = stream.try_clone().unwrap();
+    let (stream, reader) = seeded::peer_stream(addr)?;
     thread::scope(|scope| {
         // Read while writing: a peer that does not read would stop the server reading it
         // (its output bound) with a frame maybe unfinished, which is the frame timeout's
@@ -210,12 +203,7 @@ fn check_replies(mut stream: TcpStream, plan: &Plan) -> Result<(), String> {
         return Err(first_difference(want, &got));
     }
     if plan.half_close {
-        let mut byte = [0u8; 1];
-        match stream.read(&mut byte) {
-            Ok(0) => {}
-            Ok(_) => return Err("more bytes after the last reply".into()),
-            Err(e) => return Err(format!("{e} instead of EOF after every reply")),
-        }
+        seeded::expect_eof(&stream)?;
     }
     Ok(())
 }
@@ -337,11 +325,7 @@ impl Service for Watched {
 
 #[test]
 fn peers_flooding_past_the_deferred_bound_get_every_reply_in_order() {
-    let seed = std::env::var("POOL_CHAOS_SEED")
-        .ok()
-        .map(|s| s.parse().expect("POOL_CHAOS_SEED is a u64"))
-        .unwrap_or_else(rand::random);
-    eprintln!("pool chaos: seed {seed} (rerun with POOL_CHAOS_SEED={seed})");
+    let seed = seeded::run_seed("POOL_CHAOS_SEED", "pool chaos");
 
     let baseline = own_fds();
     let counters = PoolCounters::default();
@@ -378,7 +362,7 @@ fn peers_flooding_past_the_deferred_bound_get_every_reply_in_order() {
                 if index >= PEERS || started.elapsed() > RUN_LIMIT {
                     return;
                 }
-                let mut rng = StdRng::seed_from_u64(peer_seed(seed, index));
+                let mut rng = StdRng::seed_from_u64(seeded::peer_seed(seed, index));
                 let plan = Plan::new(&mut rng);
                 {
                     let mut totals = totals.lock().unwrap();
@@ -414,16 +398,7 @@ fn peers_flooding_past_the_deferred_bound_get_every_reply_in_order() {
         past_bound[..past_bound.len().min(20)].join("\n")
     );
     let failures = failures.into_inner().unwrap();
-    assert!(
-        failures.is_empty(),
-        "seed {seed}: {} of {ran} peers saw other than the model predicts; first ones:\n{}",
-        failures.len(),
-        failures[..failures.len().min(20)].join("\n")
-    );
-    assert_eq!(
-        ran, PEERS,
-        "seed {seed}: only {ran} peers started within {RUN_LIMIT:?}"
-    );
+    seeded::assert_every_peer_as_modelled(seed, &failures, ran, PEERS, RUN_LIMIT);
     assert!(
         wait_until(WAIT, || stats.get(Stat::Active) == 0),
         "seed {seed}: {} connections left open",

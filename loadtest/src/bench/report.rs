@@ -740,18 +740,21 @@ mod tests {
             row(1, Kind::Limit, vec![("req_per_server_cpu_s", 100.0)]),
         ];
         let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
-        let line = |name: &str| {
-            md.lines()
-                .find(|l| l.starts_with(&format!("| {name}")))
-                .unwrap_or_else(|| panic!("no target {name:?} in\n{md}"))
-                .to_string()
-        };
+        let line = |name: &str| target_line(&md, name);
         assert!(line("ping-pong requests per server CPU-second").ends_with("| 0.990× | met |"));
         assert!(line("ping-pong syscalls per request ≤").ends_with("| 3 | **not met** |"));
         assert!(
             line("ping-pong syscalls per request besides epoll_wait ≤").ends_with("| 2 | met |")
         );
         assert!(line("all held: PING p99").ends_with("| – | not measured |"));
+    }
+
+    /// The line of the report that starts with target `name`.
+    fn target_line(md: &str, name: &str) -> String {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {name}")))
+            .unwrap_or_else(|| panic!("no target {name:?} in\n{md}"))
+            .to_string()
     }
 
     #[test]
@@ -770,12 +773,7 @@ mod tests {
             pipelined(Kind::Baseline, 100.0),
         ];
         let (md, _) = render(&rows, &machine(), "plan", "loadtest bench");
-        let line = |name: &str| {
-            md.lines()
-                .find(|l| l.starts_with(&format!("| {name}")))
-                .unwrap_or_else(|| panic!("no target {name:?} in\n{md}"))
-                .to_string()
-        };
+        let line = |name: &str| target_line(&md, name);
         assert!(line("ping-pong RTT p99 no worse than tokio").ends_with("| 0.500× | met |"));
         assert!(line("pipelined RTT p99 no worse than limit").ends_with("| 0.750× | met |"));
         assert!(line("pipelined RTT p99 no worse than tokio").ends_with("| 1.500× | **not met** |"));
